@@ -1,0 +1,58 @@
+"""The one reader of the environment: every GENQ_* variable is a field of Settings."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_HOME = Path.home() / ".genq"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GENQ_", extra="ignore")
+
+    # Job state. Embedded default: a SQLite file under GENQ_HOME.
+    database_url: str = ""
+    # Celery broker. Empty means embedded mode: shards run in-process.
+    broker_url: str = ""
+    # "s3://BUCKET/PREFIX" or a local directory. Empty: GENQ_HOME/store.
+    storage_url: str = ""
+    s3_endpoint_url: str | None = None
+    home: Path = DEFAULT_HOME
+
+    # Extra models: a JSON file mapping model id -> {"source": ..., "context_length": ...}.
+    models_file: Path | None = None
+    device: str = ""  # "" = cuda if available, else cpu
+    dtype: str = ""  # "" = bfloat16 on cuda, float32 on cpu
+
+    # Limits and batching.
+    max_file_bytes: int = 200 * 1024 * 1024
+    max_batch_requests: int = 50_000
+    shard_size: int = 64  # requests per shard (one Celery task)
+    max_batch_size: int = 32  # sequences decoded together by one worker
+    completion_window_default: str = "24h"
+    # Leases fence every worker write; the reaper re-dispatches expired ones.
+    lease_seconds: int = 120
+    heartbeat_seconds: int = 20
+    max_attempts: int = 3
+    reaper_interval_seconds: int = 30
+    visibility_timeout_seconds: int = 3 * 3600
+
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    # Optional bootstrap key for `genq api` in a fresh deployment (no default secret).
+    bootstrap_api_key: str | None = Field(default=None, repr=False)
+
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.home / 'genq.db'}"
+
+    def resolved_storage_url(self) -> str:
+        return self.storage_url or str(self.home / "store")
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,12 @@
+"""Compute kernels: fused sampling and paged attention, with one dispatch point.
+
+Each kernel file holds the @triton.jit kernels, a typed launcher, and the pure-torch reference that
+is both the CPU path and the test oracle. `sample`, `prefill_attention`, `decode_attention` and
+`write_kv` below pick Triton on CUDA and the reference elsewhere. kernels/ knows nothing of jobs,
+models or tokenizers, and imports only torch (and triton, lazily, on CUDA).
+"""
+
+from kernels.dispatch import decode_attention, prefill_attention, sample, write_kv
+from kernels.sampling import SamplingMetadata
+
+__all__ = ["SamplingMetadata", "decode_attention", "prefill_attention", "sample", "write_kv"]

