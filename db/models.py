@@ -1,0 +1,164 @@
+"""Tables. Times that OpenAI shows are integer Unix seconds; leases are float seconds."""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Enum,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+def _enum(cls: type[enum.Enum]) -> Enum:
+    # Stored as their string values (VARCHAR + CHECK), so SQLite and PostgreSQL agree and new
+    # values need no ALTER TYPE.
+    return Enum(cls, native_enum=False, values_callable=lambda e: [m.value for m in e], length=32)
+
+
+class BatchStatus(enum.StrEnum):
+    VALIDATING = "validating"
+    FAILED = "failed"
+    IN_PROGRESS = "in_progress"
+    FINALIZING = "finalizing"
+    COMPLETED = "completed"
+    EXPIRED = "expired"
+    CANCELLING = "cancelling"
+    CANCELLED = "cancelled"
+
+
+class ShardStatus(enum.StrEnum):
+    QUEUED = "queued"  # waiting for a worker (or for the reaper to re-dispatch it)
+    RUNNING = "running"  # leased by lease_owner until lease_expires_at
+    DONE = "done"
+    FAILED = "failed"  # attempts exhausted or a non-retryable error
+    CANCELLED = "cancelled"
+
+
+class RequestOutcome(enum.StrEnum):
+    SUCCEEDED = "succeeded"  # its line goes to the output file
+    FAILED = "failed"  # its line goes to the error file
+
+
+class Tenant(Base):
+    __tablename__ = "tenants"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    created_at: Mapped[int] = mapped_column(BigInteger)
+
+
+class ApiKey(Base):
+    __tablename__ = "api_keys"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)  # sha256 hex of the secret
+    prefix: Mapped[str] = mapped_column(String(16))  # first characters, to tell keys apart
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    revoked_at: Mapped[int | None] = mapped_column(BigInteger)
+
+
+class File(Base):
+    __tablename__ = "files"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    filename: Mapped[str] = mapped_column(String(512))
+    purpose: Mapped[str] = mapped_column(String(32))
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    expires_at: Mapped[int | None] = mapped_column(BigInteger)
+    storage_key: Mapped[str] = mapped_column(String(1024))
+    __table_args__ = (Index("ix_files_tenant_created", "tenant_id", "created_at"),)
+
+
+class Batch(Base):
+    __tablename__ = "batches"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    input_file_id: Mapped[str] = mapped_column(String(64))
+    endpoint: Mapped[str] = mapped_column(String(64))
+    completion_window: Mapped[str] = mapped_column(String(16))
+    status: Mapped[BatchStatus] = mapped_column(_enum(BatchStatus))
+    model: Mapped[str] = mapped_column(String(1024))  # the models named in the file, comma-separated
+    metadata_: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON)
+    request_total: Mapped[int] = mapped_column(Integer)
+    idempotency_key: Mapped[str | None] = mapped_column(String(256))
+    request_fingerprint: Mapped[str | None] = mapped_column(String(64))  # sha256 of the create body
+    retried_from: Mapped[str | None] = mapped_column(String(64))  # batch whose failed lines this retries
+    output_file_id: Mapped[str | None] = mapped_column(String(64))
+    error_file_id: Mapped[str | None] = mapped_column(String(64))
+    errors: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # OpenAI {"object": "list", "data": [...]}
+    usage: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # set once by the finalizer
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    in_progress_at: Mapped[int | None] = mapped_column(BigInteger)
+    expires_at: Mapped[int | None] = mapped_column(BigInteger)
+    finalizing_at: Mapped[int | None] = mapped_column(BigInteger)
+    completed_at: Mapped[int | None] = mapped_column(BigInteger)
+    failed_at: Mapped[int | None] = mapped_column(BigInteger)
+    expired_at: Mapped[int | None] = mapped_column(BigInteger)
+    cancelling_at: Mapped[int | None] = mapped_column(BigInteger)
+    cancelled_at: Mapped[int | None] = mapped_column(BigInteger)
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "idempotency_key", name="uq_batches_tenant_idempotency"),
+        Index("ix_batches_tenant_created", "tenant_id", "created_at"),
+        Index("ix_batches_status", "status"),
+    )
+
+
+class Shard(Base):
+    """A slice of one batch for one model: one Celery task, leased and fenced by `attempt`."""
+
+    __tablename__ = "shards"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    batch_id: Mapped[str] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"), index=True)
+    index: Mapped[int] = mapped_column(Integer)
+    model: Mapped[str] = mapped_column(String(256))
+    queue: Mapped[str] = mapped_column(String(300))
+    input_key: Mapped[str] = mapped_column(String(1024))  # storage key of the shard's JSONL requests
+    request_count: Mapped[int] = mapped_column(Integer)
+    status: Mapped[ShardStatus] = mapped_column(_enum(ShardStatus))
+    attempt: Mapped[int] = mapped_column(Integer, default=0)  # the fencing token: +1 per claim
+    lease_owner: Mapped[str | None] = mapped_column(String(256))
+    lease_expires_at: Mapped[float | None] = mapped_column(Float)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[float] = mapped_column(Float)
+    __table_args__ = (
+        UniqueConstraint("batch_id", "index", name="uq_shards_batch_index"),
+        Index("ix_shards_status_lease", "status", "lease_expires_at"),
+    )
+
+
+class RequestResult(Base):
+    """One request's outcome; unique per (batch, custom_id), so a re-run writes nothing twice."""
+
+    __tablename__ = "request_results"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    batch_id: Mapped[str] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"))
+    shard_id: Mapped[int] = mapped_column(ForeignKey("shards.id", ondelete="CASCADE"), index=True)
+    custom_id: Mapped[str] = mapped_column(String(512))
+    line_number: Mapped[int] = mapped_column(Integer)  # 1-based line in the input file
+    outcome: Mapped[RequestOutcome] = mapped_column(_enum(RequestOutcome))
+    output_line: Mapped[dict[str, Any]] = mapped_column(JSON)  # the OpenAI output or error line
+    prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    attempt: Mapped[int] = mapped_column(Integer)
+    worker_id: Mapped[str | None] = mapped_column(String(256))
+    created_at: Mapped[float] = mapped_column(Float)
+    __table_args__ = (
+        UniqueConstraint("batch_id", "custom_id", name="uq_results_batch_custom_id"),
+        Index("ix_results_batch_outcome", "batch_id", "outcome"),
+    )

@@ -1,0 +1,38 @@
+"""Session fixtures that start real services once; each test cleans what it made."""
+
+import os
+
+# Triton kernels run in the interpreter on CPU machines; must be set before triton is imported.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+from tests import services  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A fresh PostgreSQL database at the newest schema, dropped at the end of the session."""
+    from db.migrate import upgrade_to_head
+
+    url = services.create_database()
+    upgrade_to_head(url)
+    yield url
+    from db.session import get_engine
+
+    get_engine(url).dispose()
+    services.drop_database(url)
+
+
+@pytest.fixture(scope="session")
+def redis_url():
+    return services.redis_test_url()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    server = services.start_seaweedfs(tmp_path_factory.mktemp("seaweedfs"))
+    yield server
+    services.stop(server.process)
