@@ -40,6 +40,13 @@ class Settings(BaseSettings):
     max_attempts: int = 3
     reaper_interval_seconds: int = 30
     visibility_timeout_seconds: int = 3 * 3600
+    worker_soft_shutdown_seconds: float = 60.0
+    # A queued shard untouched this long is re-sent by the reaper (its message may have been lost).
+    queued_redispatch_seconds: int = 300
+    # A batch left in "finalizing" this long (finalizer crashed) is finalized again by the reaper.
+    finalizing_stale_seconds: int = 600
+    # max_tokens when a request names none: this, capped by what the context leaves after the prompt.
+    default_max_tokens: int = 1024
 
     api_host: str = "127.0.0.1"
     api_port: int = 8000

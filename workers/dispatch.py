@@ -1,0 +1,38 @@
+"""Publishing shard tasks: which queue serves a model, and sending shard ids to it. Torch-free.
+
+The API calls `enqueue_shards` after the batch and its shards are committed. A publish that fails
+(Redis down) leaves the shard `queued` in SQL, and the reaper sends it again later: accepted work is
+never lost, and a duplicate message is harmless because a worker must claim the shard's lease first.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from genq.settings import Settings
+from workers.celery_app import RUN_SHARD_TASK, celery_app_for
+
+log = logging.getLogger(__name__)
+
+
+def queue_for_model(model_id: str) -> str:
+    """The Celery queue whose workers have model_id loaded."""
+    return f"genq.{model_id}"
+
+
+def enqueue_shards(settings: Settings, shards: list[tuple[int, str]]) -> int:
+    """Sends one "genq.run_shard" message per (shard_id, queue); returns how many were published.
+
+    Never raises for broker errors: unsent shards stay queued and the reaper re-sends them.
+    """
+    if not shards or not settings.broker_url:
+        return 0  # embedded mode: `genq run` executes shards in-process
+    app = celery_app_for(settings)
+    sent = 0
+    for shard_id, queue in shards:
+        try:
+            app.send_task(RUN_SHARD_TASK, args=[shard_id], queue=queue)
+            sent += 1
+        except Exception as exc:  # kombu raises OperationalError and friends; the reaper recovers
+            log.warning("could not publish shard %s to %s (the reaper will retry): %s", shard_id, queue, exc)
+    return sent
