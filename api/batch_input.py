@@ -1,0 +1,263 @@
+"""Validates a batch input file while streaming it from storage, then writes its per-model shards.
+
+Every line is checked (JSON, custom_id/method/url/body, endpoint, model, sampling parameters) before
+anything is written to storage; errors carry OpenAI codes and the 1-based line number. Valid
+requests are grouped per model into shards of settings.shard_size lines, stored as JSONL
+{"line": n, "custom_id": ..., "body": {...}} at batches/{batch_id}/shards/{index:05d}.jsonl.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from api.errors import InvalidRequest
+from genq.settings import Settings
+from storage import Store
+from workers.registry import UnknownModelError, get_model
+
+CHAT_ENDPOINT = "/v1/chat/completions"
+COMPLETIONS_ENDPOINT = "/v1/completions"
+BATCH_ENDPOINTS = (CHAT_ENDPOINT, COMPLETIONS_ENDPOINT)
+MAX_REPORTED_ERRORS = 20  # errors listed in error.errors.data; the first is the headline
+MAX_CUSTOM_ID_CHARS = 512  # request_results.custom_id
+MAX_STOP_SEQUENCES = 4
+
+
+@dataclass(frozen=True)
+class LineError:
+    """One problem in the input file, as an OpenAI BatchError {code, message, param, line}."""
+
+    code: str  # OpenAI-style: invalid_json_line, missing_required_parameter, model_not_found, ...
+    message: str  # names the line, e.g. "Line 3: body.temperature must be between 0 and 2"
+    param: str | None  # the offending field ("custom_id", "body.max_tokens"), None for whole-file errors
+    line: int | None  # 1-based line number in the input file
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message, "param": self.param, "line": self.line}
+
+
+class BatchInputInvalid(InvalidRequest):
+    """400 for an input file that failed validation; `errors` lists up to MAX_REPORTED_ERRORS problems."""
+
+    def __init__(self, errors: list[LineError]) -> None:
+        first = errors[0]
+        more = f" ({len(errors) - 1} more error(s) in error.errors)" if len(errors) > 1 else ""
+        listed = {"object": "list", "data": [e.as_dict() for e in errors]}
+        super().__init__(first.message + more, param=first.param, code=first.code,
+                         extra={"line": first.line, "errors": listed})
+        self.errors = errors
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """A shard written to storage, ready to become a Shard row."""
+
+    index: int  # 0-based, unique within the batch
+    model: str  # every request in the shard names this model
+    input_key: str  # storage key of its JSONL lines
+    request_count: int  # lines in the shard
+
+
+@dataclass
+class ValidatedInput:
+    """What a valid input file contained, after its shards were written."""
+
+    total: int  # requests (non-blank lines)
+    models: list[str] = field(default_factory=list)  # in order of first appearance
+    shards: list[ShardPlan] = field(default_factory=list)
+
+
+def shard_key(batch_id: str, index: int) -> str:
+    """The storage key of a batch's shard."""
+    return f"batches/{batch_id}/shards/{index:05d}.jsonl"
+
+
+def validate_and_shard(*, store: Store, settings: Settings, input_key: str, endpoint: str,
+                       batch_id: str) -> ValidatedInput:
+    """Validates the file at input_key for endpoint and writes its shards; raises BatchInputInvalid first."""
+    with tempfile.TemporaryDirectory(prefix="genq-shards-") as spool, store.open_stream(input_key) as stream:
+        writer = _ShardSpool(Path(spool), settings.shard_size)
+        try:
+            total = _validate_lines(stream, settings=settings, endpoint=endpoint, writer=writer)
+            shards = writer.upload(store=store, batch_id=batch_id)
+        finally:
+            writer.close_all()
+        return ValidatedInput(total=total, models=list(writer.models), shards=shards)
+
+
+def _validate_lines(stream: BinaryIO, *, settings: Settings, endpoint: str, writer: _ShardSpool) -> int:
+    """Checks every line, spooling valid ones; returns the request count or raises BatchInputInvalid."""
+    errors: list[LineError] = []
+    seen_ids: set[str] = set()
+    total = 0
+    for number, raw in enumerate(stream, start=1):
+        if not raw.strip():
+            continue  # blank lines (a trailing newline) are not requests
+        total += 1
+        if total > settings.max_batch_requests:
+            errors.append(LineError("too_many_requests", f"Line {number}: the file has more than "
+                                    f"{settings.max_batch_requests} requests, the most one batch may hold",
+                                    None, number))
+            break
+        request, error = _check_line(raw, number, endpoint=endpoint, settings=settings, seen_ids=seen_ids)
+        if error is not None:
+            errors.append(error)
+            if len(errors) >= MAX_REPORTED_ERRORS:
+                break
+        elif not errors:
+            writer.add(number, request)
+    if not errors and total == 0:
+        errors.append(LineError("empty_file", "The input file holds no requests", None, None))
+    if errors:
+        raise BatchInputInvalid(errors)
+    return total
+
+
+def _check_line(raw: bytes, number: int, *, endpoint: str, settings: Settings,
+                seen_ids: set[str]) -> tuple[dict[str, Any], LineError | None]:
+    """The parsed request and None, or the line's first error."""
+
+    def fail(code: str, param: str | None, what: str) -> tuple[dict[str, Any], LineError]:
+        return {}, LineError(code, f"Line {number}: {what}", param, number)
+
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return fail("invalid_file_format", None, "is not UTF-8 text; the input file must be JSONL")
+    try:
+        request = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return fail("invalid_json_line", None, f"is not valid JSON ({exc.msg} at column {exc.colno})")
+    if not isinstance(request, dict):
+        return fail("invalid_json_line", None, "must be a JSON object")
+    for name in ("custom_id", "method", "url", "body"):
+        if name not in request:
+            return fail("missing_required_parameter", name, f"missing required parameter '{name}'")
+    custom_id = request["custom_id"]
+    if not isinstance(custom_id, str) or not custom_id or len(custom_id) > MAX_CUSTOM_ID_CHARS:
+        return fail("invalid_value", "custom_id",
+                    f"custom_id must be a string of 1 to {MAX_CUSTOM_ID_CHARS} characters")
+    if custom_id in seen_ids:
+        return fail("duplicate_custom_id", "custom_id", f"custom_id {custom_id!r} appears more than once")
+    seen_ids.add(custom_id)
+    if request["method"] != "POST":
+        return fail("invalid_method", "method", f"method must be POST, not {request['method']!r}")
+    if request["url"] != endpoint:
+        return fail("invalid_url", "url", f"url {request['url']!r} does not match the batch endpoint {endpoint!r}")
+    body = request["body"]
+    if not isinstance(body, dict):
+        return fail("invalid_value", "body", "body must be a JSON object")
+    body_error = _check_body(body, endpoint=endpoint, settings=settings)
+    if body_error is not None:
+        code, param, what = body_error
+        return fail(code, param, what)
+    return request, None
+
+
+def _check_body(body: dict[str, Any], *, endpoint: str, settings: Settings) -> tuple[str, str, str] | None:
+    """(code, param, message) for the body's first problem, or None."""
+    if body.get("stream") is True:
+        return "streaming_unsupported", "body.stream", "stream=true is not supported in a batch"
+    model_id = body.get("model")
+    if model_id is None:
+        return "missing_required_parameter", "body.model", "missing required parameter 'body.model'"
+    if not isinstance(model_id, str):
+        return "invalid_value", "body.model", "body.model must be a string"
+    try:
+        context_length = get_model(model_id, settings).context_length
+    except UnknownModelError:
+        return "model_not_found", "body.model", f"model {model_id!r} does not exist (GET /v1/models lists them)"
+    if endpoint == CHAT_ENDPOINT:
+        messages = body.get("messages")
+        if messages is None:
+            return "missing_required_parameter", "body.messages", "missing required parameter 'body.messages'"
+        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+            return "invalid_value", "body.messages", "body.messages must be a non-empty list of message objects"
+    else:
+        prompt = body.get("prompt")
+        if prompt is None:
+            return "missing_required_parameter", "body.prompt", "missing required parameter 'body.prompt'"
+        if not isinstance(prompt, str):
+            return "invalid_value", "body.prompt", "body.prompt must be a string (one prompt per request)"
+    return _check_sampling(body, context_length=context_length)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_sampling(body: dict[str, Any], *, context_length: int) -> tuple[str, str, str] | None:
+    """(code, param, message) for an out-of-range sampling parameter, or None."""
+    for name in ("max_tokens", "max_completion_tokens"):
+        value = body.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= context_length:
+            return ("invalid_value", f"body.{name}",
+                    f"body.{name} must be an integer from 1 to the model's context length {context_length}")
+    temperature = body.get("temperature")
+    if temperature is not None and not (_number(temperature) and 0 <= temperature <= 2):
+        return "invalid_value", "body.temperature", "body.temperature must be a number from 0 to 2"
+    top_p = body.get("top_p")
+    if top_p is not None and not (_number(top_p) and 0 < top_p <= 1):
+        return "invalid_value", "body.top_p", "body.top_p must be a number greater than 0 and at most 1"
+    n = body.get("n")
+    if n is not None and n != 1:
+        return "invalid_value", "body.n", "body.n must be 1 (genq generates one choice per request)"
+    stop = body.get("stop")
+    if stop is not None and not isinstance(stop, str):
+        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop) or len(stop) > MAX_STOP_SEQUENCES:
+            return ("invalid_value", "body.stop",
+                    f"body.stop must be a string or a list of at most {MAX_STOP_SEQUENCES} strings")
+    return None
+
+
+class _ShardSpool:
+    """Per-model shard files in a local temporary directory, uploaded only once the file is valid."""
+
+    def __init__(self, directory: Path, shard_size: int) -> None:
+        self.directory = directory
+        self.shard_size = max(1, shard_size)
+        self.models: dict[str, None] = {}  # ordered set
+        self.open: dict[str, tuple[int, BinaryIO, int]] = {}  # model -> (index, file, lines so far)
+        self.closed: list[tuple[int, str, int]] = []  # (index, model, lines)
+        self.next_index = 0
+
+    def add(self, number: int, request: dict[str, Any]) -> None:
+        model = request["body"]["model"]
+        self.models.setdefault(model, None)
+        if model not in self.open:
+            index = self.next_index
+            self.next_index += 1
+            self.open[model] = (index, open(self.directory / f"{index:05d}.jsonl", "wb"), 0)  # noqa: SIM115
+        index, out, count = self.open[model]
+        line = {"line": number, "custom_id": request["custom_id"], "body": request["body"]}
+        out.write(json.dumps(line, ensure_ascii=False, separators=(",", ":")).encode() + b"\n")
+        count += 1
+        self.open[model] = (index, out, count)
+        if count == self.shard_size:
+            self._close(model)
+
+    def _close(self, model: str) -> None:
+        index, out, count = self.open.pop(model)
+        out.close()
+        self.closed.append((index, model, count))
+
+    def close_all(self) -> None:
+        for model in list(self.open):
+            self._close(model)
+
+    def upload(self, *, store: Store, batch_id: str) -> list[ShardPlan]:
+        self.close_all()
+        plans = []
+        for index, model, count in sorted(self.closed):
+            key = shard_key(batch_id, index)
+            with open(self.directory / f"{index:05d}.jsonl", "rb") as spooled:
+                store.put_stream(key, spooled)
+            plans.append(ShardPlan(index=index, model=model, input_key=key, request_count=count))
+        return plans

@@ -1,0 +1,181 @@
+"""Batches and their shards as the API sees them: create, read, page, count, cancel, and read results."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.orm import Session
+
+from db.models import Batch, BatchStatus, RequestOutcome, RequestResult, Shard, ShardStatus
+
+FINAL_STATUSES = (BatchStatus.COMPLETED, BatchStatus.FAILED, BatchStatus.EXPIRED, BatchStatus.CANCELLED)
+CANCELLABLE_STATUSES = (BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS)
+
+
+@dataclass(frozen=True)
+class NewShard:
+    """A shard whose input is already in storage, to be inserted as `queued`."""
+
+    index: int  # 0-based position within the batch
+    model: str  # the model every request in it names
+    queue: str  # the Celery queue of that model's workers
+    input_key: str  # storage key of its JSONL request lines
+    request_count: int  # lines in it
+
+
+@dataclass(frozen=True)
+class RequestCounts:
+    """A batch's progress, derived from shard and result rows (OpenAI's three fields plus two)."""
+
+    total: int  # requests in the input file
+    completed: int  # succeeded result rows (lines of the output file)
+    failed: int  # failed result rows (lines of the error file)
+    in_progress: int  # requests of running shards that have no result yet
+    queued: int  # requests of queued shards that have no result yet
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def new_batch_id() -> str:
+    """A fresh OpenAI-style batch id, "batch_" + 24 hex digits."""
+    return f"batch_{secrets.token_hex(12)}"
+
+
+def add_batch(*, session: Session, batch_id: str, tenant_id: str, input_file_id: str, endpoint: str,
+              completion_window: str, model: str, metadata: dict[str, Any] | None, request_total: int,
+              expires_in_seconds: int | None, idempotency_key: str | None = None, fingerprint: str | None = None,
+              retried_from: str | None = None) -> Batch:
+    """Inserts a batch in `in_progress` (validation already passed) and returns it; the caller commits."""
+    now = int(time.time())
+    batch = Batch(id=batch_id, tenant_id=tenant_id, input_file_id=input_file_id, endpoint=endpoint,
+                  completion_window=completion_window, status=BatchStatus.IN_PROGRESS, model=model[:1024],
+                  metadata_=metadata, request_total=request_total, idempotency_key=idempotency_key,
+                  request_fingerprint=fingerprint, retried_from=retried_from, created_at=now,
+                  in_progress_at=now, expires_at=now + expires_in_seconds if expires_in_seconds else None)
+    session.add(batch)
+    session.flush()
+    return batch
+
+
+def add_shards(*, session: Session, batch_id: str, shards: list[NewShard]) -> list[Shard]:
+    """Inserts the batch's shards as `queued` and returns them with their ids; the caller commits."""
+    now = time.time()
+    rows = [Shard(batch_id=batch_id, index=s.index, model=s.model, queue=s.queue, input_key=s.input_key,
+                  request_count=s.request_count, status=ShardStatus.QUEUED, attempt=0, created_at=now,
+                  updated_at=now) for s in shards]
+    session.add_all(rows)
+    session.flush()
+    return rows
+
+
+def get_batch(*, session: Session, tenant_id: str, batch_id: str) -> Batch | None:
+    """The tenant's batch with this id, or None (also for another tenant's batch)."""
+    return session.scalars(select(Batch).where(Batch.id == batch_id, Batch.tenant_id == tenant_id)).first()
+
+
+def get_batch_by_idempotency_key(*, session: Session, tenant_id: str, idempotency_key: str) -> Batch | None:
+    """The tenant's batch created with this Idempotency-Key, or None."""
+    return session.scalars(
+        select(Batch).where(Batch.tenant_id == tenant_id, Batch.idempotency_key == idempotency_key)
+    ).first()
+
+
+def list_batches(*, session: Session, tenant_id: str, after: str | None = None,
+                 limit: int = 20) -> tuple[list[Batch], bool]:
+    """A page of the tenant's batches, newest first, starting after the batch id `after`; and whether more follow."""
+    query = select(Batch).where(Batch.tenant_id == tenant_id)
+    if after:
+        cursor = get_batch(session=session, tenant_id=tenant_id, batch_id=after)
+        if cursor is not None:
+            query = query.where(or_(Batch.created_at < cursor.created_at,
+                                    and_(Batch.created_at == cursor.created_at, Batch.id < cursor.id)))
+    rows = list(session.scalars(query.order_by(Batch.created_at.desc(), Batch.id.desc()).limit(limit + 1)))
+    return rows[:limit], len(rows) > limit
+
+
+def list_shards(*, session: Session, batch_id: str) -> list[Shard]:
+    """The batch's shards in index order."""
+    return list(session.scalars(select(Shard).where(Shard.batch_id == batch_id).order_by(Shard.index)))
+
+
+def request_counts(*, session: Session, batch: Batch) -> RequestCounts:
+    """The batch's progress from SQL rows: results by outcome, and unanswered requests by shard status."""
+    shard_requests = dict(session.execute(
+        select(Shard.status, func.sum(Shard.request_count)).where(Shard.batch_id == batch.id).group_by(Shard.status)
+    ).all())
+    answered: dict[tuple[ShardStatus, RequestOutcome], int] = {
+        (status, outcome): count for status, outcome, count in session.execute(
+            select(Shard.status, RequestResult.outcome, func.count())
+            .join(Shard, Shard.id == RequestResult.shard_id)
+            .where(RequestResult.batch_id == batch.id)
+            .group_by(Shard.status, RequestResult.outcome)
+        ).all()
+    }
+
+    def by_outcome(outcome: RequestOutcome) -> int:
+        return sum(n for (_, o), n in answered.items() if o == outcome)
+
+    def unanswered(status: ShardStatus) -> int:
+        done = sum(n for (s, _), n in answered.items() if s == status)
+        return max(0, int(shard_requests.get(status) or 0) - done)
+
+    return RequestCounts(total=batch.request_total, completed=by_outcome(RequestOutcome.SUCCEEDED),
+                         failed=by_outcome(RequestOutcome.FAILED), in_progress=unanswered(ShardStatus.RUNNING),
+                         queued=unanswered(ShardStatus.QUEUED))
+
+
+def usage_totals(*, session: Session, batch: Batch) -> dict[str, Any]:
+    """OpenAI batch usage: batch.usage once final, else the sum over the result rows so far."""
+    if batch.usage is not None:
+        return batch.usage
+    prompt, completion = session.execute(
+        select(func.coalesce(func.sum(RequestResult.prompt_tokens), 0),
+               func.coalesce(func.sum(RequestResult.completion_tokens), 0))
+        .where(RequestResult.batch_id == batch.id)
+    ).one()
+    return usage_body(input_tokens=int(prompt), output_tokens=int(completion))
+
+
+def usage_body(*, input_tokens: int, output_tokens: int) -> dict[str, Any]:
+    """The OpenAI `usage` object for these token totals."""
+    return {"input_tokens": input_tokens, "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": input_tokens + output_tokens}
+
+
+def request_cancel(*, session: Session, tenant_id: str, batch_id: str) -> Batch | None:
+    """Moves an in_progress/validating batch to cancelling (conditional UPDATE; idempotent); returns it, or None."""
+    session.execute(
+        update(Batch)
+        .where(Batch.id == batch_id, Batch.tenant_id == tenant_id, Batch.status.in_(CANCELLABLE_STATUSES))
+        .values(status=BatchStatus.CANCELLING, cancelling_at=int(time.time()))
+        .execution_options(synchronize_session=False)
+    )
+    batch = get_batch(session=session, tenant_id=tenant_id, batch_id=batch_id)
+    if batch is not None:
+        session.refresh(batch)
+    return batch
+
+
+def result_page(*, session: Session, batch_id: str, outcome: RequestOutcome, after_id: int = 0,
+                limit: int = 1000) -> list[tuple[int, dict[str, Any]]]:
+    """(row id, output line) of the batch's results with this outcome, in id order after after_id."""
+    rows = session.execute(
+        select(RequestResult.id, RequestResult.output_line)
+        .where(RequestResult.batch_id == batch_id, RequestResult.outcome == outcome, RequestResult.id > after_id)
+        .order_by(RequestResult.id).limit(limit)
+    ).all()
+    return [(row_id, line) for row_id, line in rows]
+
+
+def succeeded_custom_ids(*, session: Session, batch_id: str) -> set[str]:
+    """The custom_ids of the batch's requests that succeeded."""
+    return set(session.scalars(
+        select(RequestResult.custom_id)
+        .where(RequestResult.batch_id == batch_id, RequestResult.outcome == RequestOutcome.SUCCEEDED)
+    ))

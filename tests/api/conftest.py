@@ -1,0 +1,54 @@
+"""Fixtures for the API tests: PostgreSQL session, a local or S3 store, a tenant with a key."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+from sqlalchemy import delete
+
+from db.models import Tenant
+from db.session import get_sessionmaker
+from db.tenants import create_api_key, create_tenant
+from genq.settings import Settings
+from storage.local import LocalStore
+
+SECOND_MODEL = "tiny-test-model"  # registered through a models file, context length 512
+
+
+@pytest.fixture
+def settings(postgres_url, tmp_path) -> Settings:
+    models_file = tmp_path / "models.json"
+    models_file.write_text(json.dumps({SECOND_MODEL: {"source": "/nonexistent", "context_length": 512}}))
+    return Settings(database_url=postgres_url, storage_url=str(tmp_path / "store"), broker_url="",
+                    models_file=models_file, shard_size=2, max_batch_requests=50, max_file_bytes=64 * 1024)
+
+
+@pytest.fixture
+def store(settings) -> LocalStore:
+    return LocalStore(settings.storage_url)
+
+
+@pytest.fixture
+def session(postgres_url):
+    with get_sessionmaker(postgres_url)() as session:
+        yield session
+        session.rollback()
+
+
+@pytest.fixture
+def tenant(session):
+    tenant = create_tenant(session=session, name=f"t-{uuid.uuid4().hex[:8]}")
+    session.commit()
+    yield tenant
+    session.rollback()
+    session.execute(delete(Tenant).where(Tenant.id == tenant.id))
+    session.commit()
+
+
+@pytest.fixture
+def api_key(session, tenant) -> str:
+    _, secret = create_api_key(session=session, tenant_id=tenant.id)
+    session.commit()
+    return secret
