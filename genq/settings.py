@@ -35,16 +35,16 @@ class Settings(BaseSettings):
     max_batch_size: int = 32  # sequences decoded together by one worker
     completion_window_default: str = "24h"
     # Leases fence every worker write; the reaper re-dispatches expired ones.
-    lease_seconds: int = 120
-    heartbeat_seconds: int = 20
+    lease_seconds: float = 120
+    heartbeat_seconds: float = 20
     max_attempts: int = 3
-    reaper_interval_seconds: int = 30
+    reaper_interval_seconds: float = 30
     visibility_timeout_seconds: int = 3 * 3600
     worker_soft_shutdown_seconds: float = 60.0
     # A queued shard untouched this long is re-sent by the reaper (its message may have been lost).
-    queued_redispatch_seconds: int = 300
+    queued_redispatch_seconds: float = 300
     # A batch left in "finalizing" this long (finalizer crashed) is finalized again by the reaper.
-    finalizing_stale_seconds: int = 600
+    finalizing_stale_seconds: float = 600
     # max_tokens when a request names none: this, capped by what the context leaves after the prompt.
     default_max_tokens: int = 1024
 

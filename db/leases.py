@@ -1,0 +1,241 @@
+"""Shard leases fenced by `attempt`: claim, renew, fenced writes, finish, and what the reaper needs.
+
+Every worker write carries the attempt it claimed; a claim bumps the attempt, so a zombie whose lease
+expired (or whose shard was requeued) changes nothing. Nothing here knows what a shard computes:
+chat batches today, other job kinds later. Each function runs in the caller's session; the caller
+commits (session_scope), so one claim or one fenced write is one short transaction.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from db.models import Batch, BatchStatus, RequestOutcome, RequestResult, Shard, ShardStatus
+
+ACTIVE_SHARD_STATUSES = (ShardStatus.QUEUED, ShardStatus.RUNNING)
+
+
+def _now() -> float:
+    return time.time()
+
+
+def claim_shard(*, session: Session, shard_id: int, worker_id: str, lease_seconds: float,
+                max_attempts: int) -> int | None:
+    """Leases the shard to worker_id and returns the new attempt (the fencing token), or None.
+
+    None means there is nothing to do: another worker holds a live lease, the shard is finished, its
+    batch no longer runs (then a queued shard is marked cancelled), or its attempts are exhausted (then
+    it is marked failed). The caller finalizes the batch in the last two cases.
+    """
+    now = _now()
+    batch_runs = select(Batch.id).where(Batch.id == Shard.batch_id, Batch.status == BatchStatus.IN_PROGRESS,
+                                        Batch.expired_at.is_(None)).exists()
+    claimable = or_(Shard.status == ShardStatus.QUEUED,
+                    and_(Shard.status == ShardStatus.RUNNING, Shard.lease_expires_at < now))
+    row = session.execute(
+        update(Shard)
+        .where(Shard.id == shard_id, claimable, Shard.attempt < max_attempts, batch_runs)
+        .values(status=ShardStatus.RUNNING, attempt=Shard.attempt + 1, lease_owner=worker_id,
+                lease_expires_at=now + lease_seconds, updated_at=now)
+        .returning(Shard.attempt)
+    ).first()
+    if row is not None:
+        return int(row[0])
+    # Not claimable: settle the shards that can never be claimed again, so the batch can finish.
+    session.execute(
+        update(Shard)
+        .where(Shard.id == shard_id, claimable, Shard.attempt >= max_attempts)
+        .values(status=ShardStatus.FAILED, lease_owner=None, lease_expires_at=None, updated_at=now,
+                last_error=f"gave up after {max_attempts} attempts")
+    )
+    session.execute(
+        update(Shard)
+        .where(Shard.id == shard_id, claimable, ~batch_runs)
+        .values(status=ShardStatus.CANCELLED, lease_owner=None, lease_expires_at=None, updated_at=now)
+    )
+    return None
+
+
+def _fenced(shard_id: int, attempt: int) -> Any:
+    return and_(Shard.id == shard_id, Shard.attempt == attempt, Shard.status == ShardStatus.RUNNING)
+
+
+def renew_lease(*, session: Session, shard_id: int, attempt: int, lease_seconds: float) -> bool:
+    """Extends the lease of this attempt; False when it was lost (re-claimed, requeued or finished)."""
+    now = _now()
+    result = session.execute(
+        update(Shard).where(_fenced(shard_id, attempt)).values(lease_expires_at=now + lease_seconds,
+                                                                updated_at=now)
+    )
+    return result.rowcount == 1
+
+
+def batch_should_stop(*, session: Session, batch_id: str) -> bool:
+    """Whether a running shard of this batch should stop: cancel requested, expired, or finished."""
+    row = session.execute(select(Batch.status, Batch.expired_at).where(Batch.id == batch_id)).first()
+    return row is None or row.status != BatchStatus.IN_PROGRESS or row.expired_at is not None
+
+
+@dataclass
+class ResultRow:
+    """One request's outcome as a worker computed it; becomes a RequestResult row."""
+
+    custom_id: str
+    line_number: int  # 1-based line in the batch's input file
+    outcome: RequestOutcome
+    output_line: dict[str, Any]  # the OpenAI output line or error line, exactly as it will be written
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+def _insert_ignoring_duplicates(session: Session, values: list[dict[str, Any]]) -> None:
+    if not values:
+        return
+    dialect = session.get_bind().dialect.name
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    stmt = insert(RequestResult).values(values)
+    session.execute(stmt.on_conflict_do_nothing(index_elements=["batch_id", "custom_id"]))
+
+
+def record_result(*, session: Session, batch_id: str, shard_id: int, attempt: int, worker_id: str,
+                  result: ResultRow) -> bool:
+    """Stores one result if this attempt still holds the shard; False (nothing written) otherwise.
+
+    The fence is an UPDATE of the shard row in the same transaction: it row-locks the shard (the whole
+    database on SQLite) until commit, so no claim can slip between the check and the insert. A result
+    already stored for (batch, custom_id) is kept: ON CONFLICT DO NOTHING.
+    """
+    now = _now()
+    fence = session.execute(update(Shard).where(_fenced(shard_id, attempt)).values(updated_at=now))
+    if fence.rowcount != 1:
+        return False
+    _insert_ignoring_duplicates(session, [{
+        "batch_id": batch_id, "shard_id": shard_id, "custom_id": result.custom_id,
+        "line_number": result.line_number, "outcome": result.outcome, "output_line": result.output_line,
+        "prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
+        "attempt": attempt, "worker_id": worker_id, "created_at": now,
+    }])
+    return True
+
+
+def record_unfenced_results(*, session: Session, batch_id: str, shard_id: int, attempt: int,
+                            worker_id: str | None, results: list[ResultRow]) -> None:
+    """Stores results no worker holds a lease for (the finalizer's cancelled/expired/failed lines)."""
+    now = _now()
+    _insert_ignoring_duplicates(session, [{
+        "batch_id": batch_id, "shard_id": shard_id, "custom_id": r.custom_id, "line_number": r.line_number,
+        "outcome": r.outcome, "output_line": r.output_line, "prompt_tokens": r.prompt_tokens,
+        "completion_tokens": r.completion_tokens, "attempt": attempt, "worker_id": worker_id,
+        "created_at": now,
+    } for r in results])
+
+
+def done_custom_ids(*, session: Session, shard_id: int) -> set[str]:
+    """custom_ids of this shard that already have a result (a resumed attempt skips them)."""
+    return set(session.scalars(select(RequestResult.custom_id).where(RequestResult.shard_id == shard_id)))
+
+
+def finish_shard(*, session: Session, shard_id: int, attempt: int, status: ShardStatus,
+                 error: str | None = None) -> bool:
+    """Moves this attempt's shard to done/failed/cancelled; False when the lease was lost meanwhile."""
+    if status not in (ShardStatus.DONE, ShardStatus.FAILED, ShardStatus.CANCELLED):
+        raise ValueError(f"finish_shard to {status!r}: not a final status")
+    result = session.execute(
+        update(Shard).where(_fenced(shard_id, attempt))
+        .values(status=status, lease_owner=None, lease_expires_at=None, updated_at=_now(), last_error=error)
+    )
+    return result.rowcount == 1
+
+
+def release_shard(*, session: Session, shard_id: int, attempt: int, error: str,
+                  max_attempts: int) -> ShardStatus | None:
+    """After a crashed attempt: back to queued (attempts left) or failed; None if the lease was lost."""
+    status = ShardStatus.QUEUED if attempt < max_attempts else ShardStatus.FAILED
+    result = session.execute(
+        update(Shard).where(_fenced(shard_id, attempt))
+        .values(status=status, lease_owner=None, lease_expires_at=None, updated_at=_now(), last_error=error)
+    )
+    return status if result.rowcount == 1 else None
+
+
+# --- the reaper's side ------------------------------------------------------------------------------
+
+
+@dataclass
+class Redispatch:
+    """A shard the reaper put back in its queue."""
+
+    shard_id: int
+    queue: str
+    batch_id: str
+
+
+def requeue_expired_leases(*, session: Session, max_attempts: int, limit: int = 500) -> tuple[list[Redispatch],
+                                                                                               list[str]]:
+    """Expired running shards go back to queued, or to failed past max_attempts.
+
+    Returns (shards to send again, batch ids whose shards failed). Each transition is a conditional
+    UPDATE, so concurrent reapers never both act on one shard.
+    """
+    now = _now()
+    expired = session.execute(
+        select(Shard.id, Shard.queue, Shard.batch_id, Shard.attempt)
+        .where(Shard.status == ShardStatus.RUNNING, Shard.lease_expires_at < now).limit(limit)
+    ).all()
+    redispatch: list[Redispatch] = []
+    failed_batches: list[str] = []
+    for shard_id, queue, batch_id, attempt in expired:
+        settled = Shard.id == shard_id, Shard.attempt == attempt, Shard.status == ShardStatus.RUNNING, \
+            Shard.lease_expires_at < now
+        if attempt >= max_attempts:
+            result = session.execute(update(Shard).where(*settled).values(
+                status=ShardStatus.FAILED, lease_owner=None, lease_expires_at=None, updated_at=now,
+                last_error=f"lease expired on attempt {attempt} of {max_attempts}: worker lost"))
+            if result.rowcount == 1:
+                failed_batches.append(batch_id)
+        else:
+            result = session.execute(update(Shard).where(*settled).values(
+                status=ShardStatus.QUEUED, lease_owner=None, lease_expires_at=None, updated_at=now,
+                last_error=f"lease expired on attempt {attempt}: worker lost"))
+            if result.rowcount == 1:
+                redispatch.append(Redispatch(shard_id, queue, batch_id))
+    return redispatch, failed_batches
+
+
+def stale_queued_shards(*, session: Session, older_than_seconds: float, limit: int = 500) -> list[Redispatch]:
+    """Queued shards untouched for older_than_seconds (their message may be lost); touched, so that
+    one reaper re-sends each per period."""
+    now = _now()
+    rows = session.execute(
+        select(Shard.id, Shard.queue, Shard.batch_id, Shard.updated_at)
+        .where(Shard.status == ShardStatus.QUEUED, Shard.updated_at < now - older_than_seconds).limit(limit)
+    ).all()
+    out = []
+    for shard_id, queue, batch_id, updated_at in rows:
+        result = session.execute(update(Shard).where(
+            Shard.id == shard_id, Shard.status == ShardStatus.QUEUED, Shard.updated_at == updated_at,
+        ).values(updated_at=now))
+        if result.rowcount == 1:
+            out.append(Redispatch(shard_id, queue, batch_id))
+    return out
+
+
+def cancel_queued_shards(*, session: Session, batch_id: str) -> int:
+    """Queued shards of a batch that stopped running become cancelled; returns how many."""
+    result = session.execute(
+        update(Shard).where(Shard.batch_id == batch_id, Shard.status == ShardStatus.QUEUED)
+        .values(status=ShardStatus.CANCELLED, updated_at=_now())
+    )
+    return result.rowcount
+
+
+def active_shard_count(*, session: Session, batch_id: str) -> int:
+    """Shards of the batch that are queued or running."""
+    return len(session.scalars(select(Shard.id).where(Shard.batch_id == batch_id,
+                                                      Shard.status.in_(ACTIVE_SHARD_STATUSES))).all())

@@ -1,0 +1,193 @@
+"""Finalizing a batch exactly once: the output and error files, usage, and the final status.
+
+`maybe_finalize` claims the batch with a conditional UPDATE (in_progress or cancelling -> finalizing,
+only when no shard is queued or running), so of any number of concurrent callers one proceeds.
+Requests that never got a result get an error line of their own (genq extension; OpenAI writes
+nothing for them), so that request_counts.completed + failed == total and users can resubmit exactly
+the error file's custom_ids:
+  - batch_cancelled: the batch was cancelled before the request ran;
+  - batch_expired: the completion window passed first (the reaper sets expired_at);
+  - worker_failed: its shard failed max_attempts times (the message says why).
+The final status is cancelled (cancelling_at set), expired (expired_at set), failed (every shard
+failed and nothing succeeded), else completed. Output lines are ordered by input line number.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from typing import Any
+
+from sqlalchemy import and_, exists, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from db.leases import ACTIVE_SHARD_STATUSES, ResultRow, cancel_queued_shards, record_unfenced_results
+from db.models import Batch, BatchStatus, File, RequestOutcome, RequestResult, Shard, ShardStatus
+from db.session import session_scope
+from genq.settings import Settings
+from storage import Store, store_from_settings
+from workers.chat import batch_error_line, stable_id
+from workers.shard_files import read_shard_lines
+
+log = logging.getLogger(__name__)
+
+OUTPUT_PURPOSE = "batch_output"
+MISSING_REASONS = {
+    "batch_cancelled": "This request was not executed because the batch was cancelled.",
+    "batch_expired": "This request could not be executed before the completion window expired.",
+}
+
+
+def _now() -> float:
+    return time.time()
+
+
+def maybe_finalize(settings: Settings, batch_id: str) -> bool:
+    """Finalizes the batch if its work is over and nobody else is doing it; True if this call did."""
+    url = settings.resolved_database_url()
+    with session_scope(url) as session:
+        row = session.execute(select(Batch.status, Batch.expired_at).where(Batch.id == batch_id)).first()
+        if row is None or row.status not in (BatchStatus.IN_PROGRESS, BatchStatus.CANCELLING):
+            return False
+        if row.status == BatchStatus.CANCELLING or row.expired_at is not None:
+            cancel_queued_shards(session=session, batch_id=batch_id)
+        active = exists().where(Shard.batch_id == Batch.id, Shard.status.in_(ACTIVE_SHARD_STATUSES))
+        claimed = session.execute(
+            update(Batch)
+            .where(Batch.id == batch_id, Batch.status.in_([BatchStatus.IN_PROGRESS, BatchStatus.CANCELLING]), ~active)
+            .values(status=BatchStatus.FINALIZING, finalizing_at=int(_now()))
+        ).rowcount == 1
+    if claimed:
+        finalize_batch(settings, batch_id)
+    return claimed
+
+
+def refinalize_stale(settings: Settings, batch_id: str, older_than_seconds: float) -> bool:
+    """Finalizes again a batch whose finalizer died mid-way (still finalizing after older_than_seconds)."""
+    now = int(_now())
+    with session_scope(settings.resolved_database_url()) as session:
+        claimed = session.execute(
+            update(Batch).where(Batch.id == batch_id, Batch.status == BatchStatus.FINALIZING,
+                                Batch.finalizing_at < now - older_than_seconds)
+            .values(finalizing_at=now)
+        ).rowcount == 1
+    if claimed:
+        finalize_batch(settings, batch_id)
+    return claimed
+
+
+def _missing_code(batch: Batch, shard: Shard) -> tuple[str, str]:
+    if batch.cancelling_at is not None:
+        return "batch_cancelled", MISSING_REASONS["batch_cancelled"]
+    if batch.expired_at is not None:
+        return "batch_expired", MISSING_REASONS["batch_expired"]
+    return "worker_failed", (f"genq could not run this request: its shard stopped after {shard.attempt} "
+                             f"attempt(s): {shard.last_error or 'unknown error'}")
+
+
+def _fill_missing_results(session: Session, store: Store, batch: Batch) -> None:
+    """Writes an error row for every request of the batch that has none."""
+    counts = dict(session.execute(
+        select(RequestResult.shard_id, func.count()).where(RequestResult.batch_id == batch.id)
+        .group_by(RequestResult.shard_id)
+    ).all())
+    for shard in session.scalars(select(Shard).where(Shard.batch_id == batch.id).order_by(Shard.index)):
+        if counts.get(shard.id, 0) >= shard.request_count:
+            continue
+        done = set(session.scalars(select(RequestResult.custom_id).where(RequestResult.shard_id == shard.id)))
+        code, message = _missing_code(batch, shard)
+        rows = [
+            ResultRow(custom_id=item.custom_id, line_number=item.line, outcome=RequestOutcome.FAILED,
+                      output_line=batch_error_line(batch_id=batch.id, custom_id=item.custom_id, code=code,
+                                                   message=message, attempt=shard.attempt or None))
+            for item in read_shard_lines(store, shard.input_key) if item.custom_id not in done
+        ]
+        record_unfenced_results(session=session, batch_id=batch.id, shard_id=shard.id, attempt=shard.attempt,
+                                worker_id=None, results=rows)
+
+
+def _write_lines(session: Session, store: Store, batch_id: str, outcome: RequestOutcome, key: str) -> tuple[int, int]:
+    """Streams the batch's lines of one outcome to key, in input order; returns (lines, bytes)."""
+    lines = 0
+    with tempfile.TemporaryFile() as spool:
+        query = (select(RequestResult.output_line)
+                 .where(RequestResult.batch_id == batch_id, RequestResult.outcome == outcome)
+                 .order_by(RequestResult.line_number))
+        for line in session.scalars(query.execution_options(yield_per=1000)):
+            spool.write(json.dumps(line, ensure_ascii=False, separators=(",", ":")).encode() + b"\n")
+            lines += 1
+        size = spool.tell()
+        spool.seek(0)
+        store.put_stream(key, spool)
+    return lines, size
+
+
+def _insert_file(session: Session, **values: Any) -> None:
+    insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+    session.execute(insert(File).values(**values).on_conflict_do_nothing(index_elements=["id"]))
+
+
+def output_file_id(batch_id: str, kind: str) -> str:
+    """The id of a batch's output ("output") or error ("errors") file: fixed, so a re-run finalizer
+    overwrites rather than duplicates."""
+    return f"file-{stable_id(batch_id, kind)}"
+
+
+def finalize_batch(settings: Settings, batch_id: str) -> None:
+    """Writes the files and sets the final status of a batch this caller holds in `finalizing`."""
+    url = settings.resolved_database_url()
+    store = store_from_settings(settings)
+    with session_scope(url) as session:
+        batch = session.get(Batch, batch_id)
+        if batch is None or batch.status != BatchStatus.FINALIZING:
+            return
+        _fill_missing_results(session, store, batch)
+    with session_scope(url) as session:
+        batch = session.get(Batch, batch_id)
+        assert batch is not None
+        created = int(_now())
+        files: dict[str, str | None] = {}
+        for kind, outcome in (("output", RequestOutcome.SUCCEEDED), ("errors", RequestOutcome.FAILED)):
+            key = f"batches/{batch_id}/{kind}.jsonl"
+            lines, size = _write_lines(session, store, batch_id, outcome, key)
+            if kind == "errors" and lines == 0:
+                files[kind] = None  # as OpenAI: no error file when nothing failed
+                continue
+            file_id = output_file_id(batch_id, kind)
+            _insert_file(session, id=file_id, tenant_id=batch.tenant_id, filename=f"{batch_id}_{kind}.jsonl",
+                         purpose=OUTPUT_PURPOSE, bytes=size, created_at=created, expires_at=None, storage_key=key)
+            files[kind] = file_id
+        succeeded, prompt_tokens, completion_tokens = session.execute(
+            select(func.count(RequestResult.id).filter(RequestResult.outcome == RequestOutcome.SUCCEEDED),
+                   func.coalesce(func.sum(RequestResult.prompt_tokens), 0),
+                   func.coalesce(func.sum(RequestResult.completion_tokens), 0))
+            .where(RequestResult.batch_id == batch_id)
+        ).one()
+        failed_shards = session.scalar(select(func.count(Shard.id)).where(
+            Shard.batch_id == batch_id, Shard.status == ShardStatus.FAILED)) or 0
+        values: dict[str, Any] = {
+            "output_file_id": files["output"], "error_file_id": files["errors"],
+            "usage": {"input_tokens": int(prompt_tokens), "input_tokens_details": {"cached_tokens": 0},
+                      "output_tokens": int(completion_tokens), "output_tokens_details": {"reasoning_tokens": 0},
+                      "total_tokens": int(prompt_tokens) + int(completion_tokens)},
+        }
+        if batch.cancelling_at is not None:
+            values.update(status=BatchStatus.CANCELLED, cancelled_at=created)
+        elif batch.expired_at is not None:
+            values.update(status=BatchStatus.EXPIRED)
+        elif failed_shards and not succeeded:
+            values.update(status=BatchStatus.FAILED, failed_at=created, errors={"object": "list", "data": [{
+                "code": "worker_failed", "line": None, "param": None,
+                "message": f"{failed_shards} shard(s) failed after retries; see the error file"}]})
+        else:
+            values.update(status=BatchStatus.COMPLETED, completed_at=created)
+        won = session.execute(
+            update(Batch).where(and_(Batch.id == batch_id, Batch.status == BatchStatus.FINALIZING)).values(**values)
+        ).rowcount == 1
+        if not won:
+            session.rollback()
+            return
+    log.info("batch %s finalized: %s", batch_id, values["status"])

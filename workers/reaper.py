@@ -1,0 +1,95 @@
+"""The reaper: one pass that repairs whatever crashed workers and lost messages left behind.
+
+Each pass (every settings.reaper_interval_seconds, from beat's "genq.reap", `genq reaper`, or the
+reaper process `genq worker` starts) does, with conditional UPDATEs only, so any number of reapers
+may run at once:
+  1. running shards whose lease expired -> queued and re-sent (or failed past max_attempts);
+  2. queued shards untouched for queued_redispatch_seconds -> re-sent (their message was lost);
+  3. batches past expires_at -> marked expired (running shards stop at their next heartbeat);
+  4. batches in_progress/cancelling with no queued or running shard -> finalized;
+  5. batches stuck in finalizing for finalizing_stale_seconds -> finalized again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from sqlalchemy import exists, select, update
+
+from db.leases import ACTIVE_SHARD_STATUSES, cancel_queued_shards, requeue_expired_leases, stale_queued_shards
+from db.models import Batch, BatchStatus, Shard
+from db.session import session_scope
+from genq.settings import Settings
+from workers.dispatch import enqueue_shards
+from workers.finalize import maybe_finalize, refinalize_stale
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ReapReport:
+    """What one reaper pass changed."""
+
+    redispatched: list[int] = field(default_factory=list)  # shard ids sent again
+    failed_shards: int = 0  # shards that ran out of attempts
+    expired_batches: list[str] = field(default_factory=list)
+    finalized_batches: list[str] = field(default_factory=list)
+
+
+def reap(settings: Settings) -> ReapReport:
+    """One reaper pass (see the module docstring); returns what it did."""
+    url = settings.resolved_database_url()
+    report = ReapReport()
+    with session_scope(url) as session:
+        redispatch, failed_batches = requeue_expired_leases(session=session, max_attempts=settings.max_attempts)
+    with session_scope(url) as session:
+        redispatch += stale_queued_shards(session=session, older_than_seconds=settings.queued_redispatch_seconds)
+    report.failed_shards = len(failed_batches)
+    if redispatch:
+        enqueue_shards(settings, [(r.shard_id, r.queue) for r in redispatch])
+        report.redispatched = [r.shard_id for r in redispatch]
+        log.info("reaper re-sent shards %s", report.redispatched)
+
+    now = int(time.time())
+    with session_scope(url) as session:
+        expiring = session.scalars(select(Batch.id).where(
+            Batch.status == BatchStatus.IN_PROGRESS, Batch.expires_at.is_not(None), Batch.expires_at < now,
+            Batch.expired_at.is_(None))).all()
+        for batch_id in expiring:
+            marked = session.execute(update(Batch).where(Batch.id == batch_id, Batch.expired_at.is_(None),
+                                                         Batch.status == BatchStatus.IN_PROGRESS)
+                                     .values(expired_at=now)).rowcount
+            if marked:
+                cancel_queued_shards(session=session, batch_id=batch_id)
+                report.expired_batches.append(batch_id)
+
+    with session_scope(url) as session:
+        active = exists().where(Shard.batch_id == Batch.id, Shard.status.in_(ACTIVE_SHARD_STATUSES))
+        idle = session.scalars(select(Batch.id).where(
+            Batch.status.in_([BatchStatus.IN_PROGRESS, BatchStatus.CANCELLING]),
+            (~active) | (Batch.status == BatchStatus.CANCELLING) | Batch.expired_at.is_not(None))).all()
+        stale = session.scalars(select(Batch.id).where(
+            Batch.status == BatchStatus.FINALIZING,
+            Batch.finalizing_at < now - settings.finalizing_stale_seconds)).all()
+    for batch_id in idle:
+        if maybe_finalize(settings, batch_id):
+            report.finalized_batches.append(batch_id)
+    for batch_id in stale:
+        if refinalize_stale(settings, batch_id, settings.finalizing_stale_seconds):
+            report.finalized_batches.append(batch_id)
+    return report
+
+
+def run_forever(settings: Settings, stop_after: float | None = None) -> None:
+    """Reaps every settings.reaper_interval_seconds until killed (or for stop_after seconds)."""
+    started = time.monotonic()
+    while stop_after is None or time.monotonic() - started < stop_after:
+        try:
+            report = reap(settings)
+            if report.redispatched or report.expired_batches or report.finalized_batches or report.failed_shards:
+                log.info("reaper: %s", report)
+        except Exception:
+            log.exception("reaper pass failed; retrying next interval")
+        time.sleep(settings.reaper_interval_seconds)

@@ -1,0 +1,305 @@
+"""run_shard: claim a shard's lease, generate its requests, write each result fenced, finish, finalize.
+
+The plain function behind the Celery task "genq.run_shard" and behind `genq run` (embedded mode).
+A heartbeat thread renews the lease and watches the batch: cancel or expiry sets `should_stop`, and
+a lost lease stops all writes. Results already stored are skipped, so a re-run resumes where the last
+attempt stopped. A request that cannot be served (bad body, too long, or one that crashes the model
+when run alone) fails alone with an error line; anything else releases the shard for another attempt.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import select
+
+from db.leases import (
+    ResultRow,
+    batch_should_stop,
+    claim_shard,
+    done_custom_ids,
+    finish_shard,
+    record_result,
+    release_shard,
+    renew_lease,
+)
+from db.models import Batch, RequestOutcome, Shard, ShardStatus
+from db.session import session_scope
+from genq.settings import Settings
+from storage import store_from_settings
+from workers.chat import (
+    RequestError,
+    build_request,
+    output_line,
+    request_error_line,
+    response_body,
+)
+from workers.finalize import maybe_finalize
+from workers.runtime.types import GenerationRequest, GenerationResult
+from workers.shard_files import InputLine, read_shard_lines
+
+log = logging.getLogger(__name__)
+
+ModelLoader = Callable[[str], Any]
+# Called after each stored result with (prompt_tokens, completion_tokens); `genq run` draws progress.
+ProgressCallback = Callable[[int, int], None]
+
+
+@dataclass
+class ShardOutcome:
+    """What one run_shard call did."""
+
+    shard_id: int
+    status: str  # "not_claimed" | "done" | "cancelled" | "lease_lost" | "released" | "failed"
+    attempt: int | None = None
+    written: int = 0  # results this attempt stored
+    skipped: int = 0  # requests an earlier attempt had already stored
+    queue: str | None = None  # for "released": where to send the shard again
+    error: str | None = None
+    finalized: bool = False  # this call finalized the batch
+
+
+@dataclass
+class _ShardJob:
+    shard_id: int
+    attempt: int
+    batch_id: str
+    endpoint: str
+    model: str
+    queue: str
+    input_key: str
+    pending: dict[str, InputLine] = field(default_factory=dict)  # custom_id -> line, not yet stored
+
+
+def default_model_loader(model_id: str) -> Any:
+    """The runtime's cached loader, imported here so torch loads only in worker processes."""
+    from workers.runtime.loader import load_model
+
+    return load_model(model_id)
+
+
+def _is_systemic(exc: BaseException) -> bool:
+    # Out of memory (host or device) is about the worker, not the request: retry the shard elsewhere.
+    return isinstance(exc, MemoryError) or type(exc).__name__ in ("OutOfMemoryError", "OutOfBlocksError")
+
+
+class Heartbeat(threading.Thread):
+    """Renews the lease every interval and reads the batch's stop conditions (cancel, expiry)."""
+
+    def __init__(self, *, database_url: str, job: _ShardJob, lease_seconds: float, interval: float) -> None:
+        super().__init__(name=f"heartbeat-shard-{job.shard_id}", daemon=True)
+        self.database_url = database_url
+        self.job = job
+        self.lease_seconds = lease_seconds
+        self.interval = interval
+        self.stop_requested = threading.Event()  # cancel or expiry: finish the shard as cancelled
+        self.lease_lost = threading.Event()  # another attempt owns the shard: write nothing more
+        self._done = threading.Event()
+        self._renewed_at = time.monotonic()
+
+    def should_stop(self) -> bool:
+        return self.stop_requested.is_set() or self.lease_lost.is_set()
+
+    def beat(self) -> None:
+        try:
+            with session_scope(self.database_url) as session:
+                held = renew_lease(session=session, shard_id=self.job.shard_id, attempt=self.job.attempt,
+                                   lease_seconds=self.lease_seconds)
+                stop = batch_should_stop(session=session, batch_id=self.job.batch_id)
+        except Exception as exc:  # a database blip: keep going while the lease may still be ours
+            log.warning("heartbeat of shard %s failed: %s", self.job.shard_id, exc)
+            if time.monotonic() - self._renewed_at > self.lease_seconds:
+                self.lease_lost.set()
+            return
+        self._renewed_at = time.monotonic()
+        if not held:
+            log.warning("shard %s attempt %s lost its lease", self.job.shard_id, self.job.attempt)
+            self.lease_lost.set()
+        if stop:
+            self.stop_requested.set()
+
+    def run(self) -> None:
+        while not self._done.wait(self.interval):
+            self.beat()
+
+    def close(self) -> None:
+        self._done.set()
+        self.join(timeout=self.interval + 5)
+
+
+class _ResultWriter:
+    """Turns generation results into stored rows, fenced by the shard's attempt."""
+
+    def __init__(self, *, settings: Settings, job: _ShardJob, worker_id: str, lm: Any, heartbeat: Heartbeat,
+                 on_progress: ProgressCallback | None) -> None:
+        self.url = settings.resolved_database_url()
+        self.job = job
+        self.worker_id = worker_id
+        self.lm = lm
+        self.heartbeat = heartbeat
+        self.on_progress = on_progress
+        self.written = 0
+
+    def _store(self, row: ResultRow) -> None:
+        if self.heartbeat.lease_lost.is_set() or row.custom_id not in self.job.pending:
+            return
+        with session_scope(self.url) as session:
+            stored = record_result(session=session, batch_id=self.job.batch_id, shard_id=self.job.shard_id,
+                                   attempt=self.job.attempt, worker_id=self.worker_id, result=row)
+        if not stored:
+            self.heartbeat.lease_lost.set()
+            return
+        del self.job.pending[row.custom_id]
+        self.written += 1
+        if self.on_progress:
+            self.on_progress(row.prompt_tokens, row.completion_tokens)
+
+    def success(self, result: GenerationResult) -> None:
+        item = self.job.pending.get(result.request_id)
+        if item is None:
+            return
+        error = getattr(result, "error", None)
+        if error:  # the runtime refused this one request
+            self.failure(item, _as_request_error(error))
+            return
+        body = response_body(endpoint=self.job.endpoint, body=item.body, batch_id=self.job.batch_id,
+                             custom_id=item.custom_id, result=result, lm=self.lm)
+        line = output_line(batch_id=self.job.batch_id, custom_id=item.custom_id, status_code=200, body=body)
+        self._store(ResultRow(custom_id=item.custom_id, line_number=item.line, outcome=RequestOutcome.SUCCEEDED,
+                              output_line=line, prompt_tokens=result.prompt_tokens,
+                              completion_tokens=result.completion_tokens))
+
+    def failure(self, item: InputLine, error: RequestError) -> None:
+        line = request_error_line(batch_id=self.job.batch_id, custom_id=item.custom_id, error=error,
+                                  attempt=self.job.attempt, worker_id=self.worker_id)
+        self._store(ResultRow(custom_id=item.custom_id, line_number=item.line, outcome=RequestOutcome.FAILED,
+                              output_line=line))
+
+
+def _as_request_error(error: Any) -> RequestError:
+    if isinstance(error, RequestError):
+        return error
+    if type(error).__name__ == "ContextLengthError":
+        return RequestError(str(error), "context_length_exceeded", "messages")
+    return RequestError(str(error), "invalid_request", None)
+
+
+def _load_job(settings: Settings, shard_id: int, worker_id: str) -> tuple[_ShardJob | None, str | None]:
+    with session_scope(settings.resolved_database_url()) as session:
+        attempt = claim_shard(session=session, shard_id=shard_id, worker_id=worker_id,
+                              lease_seconds=settings.lease_seconds, max_attempts=settings.max_attempts)
+        row = session.execute(
+            select(Shard.batch_id, Shard.model, Shard.queue, Shard.input_key, Batch.endpoint)
+            .join(Batch, Batch.id == Shard.batch_id).where(Shard.id == shard_id)
+        ).first()
+    if row is None:
+        return None, None
+    if attempt is None:
+        return None, row.batch_id
+    return _ShardJob(shard_id=shard_id, attempt=attempt, batch_id=row.batch_id, endpoint=row.endpoint,
+                     model=row.model, queue=row.queue, input_key=row.input_key), row.batch_id
+
+
+def run_shard(*, settings: Settings, shard_id: int, worker_id: str,
+              model_loader: ModelLoader = default_model_loader,
+              on_progress: ProgressCallback | None = None) -> ShardOutcome:
+    """Runs one shard to its end under a lease and returns what happened; never raises for job errors.
+
+    A duplicate delivery (the shard is leased elsewhere or finished) returns "not_claimed" at once.
+    """
+    url = settings.resolved_database_url()
+    job, batch_id = _load_job(settings, shard_id, worker_id)
+    if job is None:
+        finalized = maybe_finalize(settings, batch_id) if batch_id else False
+        return ShardOutcome(shard_id=shard_id, status="not_claimed", finalized=finalized)
+
+    heartbeat = Heartbeat(database_url=url, job=job, lease_seconds=settings.lease_seconds,
+                          interval=settings.heartbeat_seconds)
+    heartbeat.start()
+    outcome = ShardOutcome(shard_id=shard_id, status="done", attempt=job.attempt, queue=job.queue)
+    try:
+        _generate(settings=settings, job=job, worker_id=worker_id, model_loader=model_loader,
+                  heartbeat=heartbeat, on_progress=on_progress, outcome=outcome)
+    except Exception as exc:
+        log.exception("shard %s attempt %s crashed", shard_id, job.attempt)
+        outcome.error = f"{type(exc).__name__}: {exc}"
+        with session_scope(url) as session:
+            status = release_shard(session=session, shard_id=shard_id, attempt=job.attempt, error=outcome.error,
+                                   max_attempts=settings.max_attempts)
+        outcome.status = {ShardStatus.QUEUED: "released", ShardStatus.FAILED: "failed"}.get(status, "lease_lost")
+    finally:
+        heartbeat.close()
+
+    if outcome.status in ("done", "cancelled") and not heartbeat.lease_lost.is_set():
+        final = ShardStatus.DONE if outcome.status == "done" else ShardStatus.CANCELLED
+        with session_scope(url) as session:
+            if not finish_shard(session=session, shard_id=shard_id, attempt=job.attempt, status=final):
+                outcome.status = "lease_lost"
+    elif heartbeat.lease_lost.is_set() and outcome.status != "failed":
+        outcome.status = "lease_lost"
+    if outcome.status in ("done", "cancelled", "failed"):
+        outcome.finalized = maybe_finalize(settings, job.batch_id)
+    return outcome
+
+
+def _generate(*, settings: Settings, job: _ShardJob, worker_id: str, model_loader: ModelLoader,
+              heartbeat: Heartbeat, on_progress: ProgressCallback | None, outcome: ShardOutcome) -> None:
+    lines = read_shard_lines(store_from_settings(settings), job.input_key)
+    with session_scope(settings.resolved_database_url()) as session:
+        done = done_custom_ids(session=session, shard_id=job.shard_id)
+    job.pending = {item.custom_id: item for item in lines if item.custom_id not in done}
+    outcome.skipped = len(lines) - len(job.pending)
+    if not job.pending:
+        return
+    lm = model_loader(job.model)
+    writer = _ResultWriter(settings=settings, job=job, worker_id=worker_id, lm=lm, heartbeat=heartbeat,
+                           on_progress=on_progress)
+    requests: list[GenerationRequest] = []
+    for item in list(job.pending.values()):
+        try:
+            requests.append(build_request(endpoint=job.endpoint, body=item.body, batch_id=job.batch_id,
+                                          custom_id=item.custom_id, lm=lm,
+                                          default_max_tokens=settings.default_max_tokens))
+        except RequestError as error:
+            writer.failure(item, error)
+    try:
+        _run_model(lm, requests, writer, heartbeat, settings.max_batch_size)
+    except Exception as exc:
+        if _is_systemic(exc) or heartbeat.should_stop():
+            raise
+        # Find the request that breaks the batch: run what is left one at a time; each that still
+        # raises gets its own error line (500 server_error), and the others complete.
+        log.warning("shard %s: generation failed (%s); retrying its requests one by one", job.shard_id, exc)
+        for request in requests:
+            if request.request_id not in job.pending or heartbeat.should_stop():
+                continue
+            try:
+                _run_model(lm, [request], writer, heartbeat, 1)
+            except Exception as single:
+                if _is_systemic(single):
+                    raise
+                writer.failure(job.pending[request.request_id], RequestError(
+                    f"the model failed on this request: {type(single).__name__}: {single}", "generation_failed",
+                    None, type="server_error", status_code=500))
+    outcome.written = writer.written
+    if job.pending and heartbeat.stop_requested.is_set():
+        outcome.status = "cancelled"
+    elif job.pending and not heartbeat.lease_lost.is_set():
+        # The runtime returned without a result for some requests: let another attempt finish them.
+        raise RuntimeError(f"{len(job.pending)} requests of shard {job.shard_id} produced no result")
+
+
+def _run_model(lm: Any, requests: list[GenerationRequest], writer: _ResultWriter, heartbeat: Heartbeat,
+               max_batch_size: int) -> None:
+    if not requests:
+        return
+    results = lm.generate(requests, on_result=writer.success, should_stop=heartbeat.should_stop,
+                          max_batch_size=max_batch_size)
+    for result in results or []:  # in case a runtime returns results without calling on_result
+        if result.request_id in writer.job.pending:
+            writer.success(result)

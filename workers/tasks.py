@@ -1,0 +1,58 @@
+"""The Celery tasks: thin wrappers that take ids, call a plain function, and record the outcome.
+
+Models load in the pool child (worker_process_init) or lazily at the first shard, never in the
+parent: CUDA does not survive fork.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+from celery.signals import worker_process_init
+
+from db.session import get_engine
+from genq.settings import get_settings
+from workers.celery_app import REAP_TASK, RUN_SHARD_TASK, app
+from workers.dispatch import enqueue_shards
+from workers.reaper import reap
+from workers.shard_runner import default_model_loader, run_shard
+
+log = logging.getLogger(__name__)
+
+# Model ids to load when a pool child starts; `genq worker --models` fills it before the pool forks.
+PRELOAD_MODELS: list[str] = []
+
+
+def worker_id() -> str:
+    """This process as a lease owner: host and pid."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@worker_process_init.connect
+def _init_child(**_: object) -> None:
+    # Connections inherited from the parent must not be shared with it after fork.
+    get_engine(get_settings().resolved_database_url()).dispose(close=False)
+    for model_id in PRELOAD_MODELS:
+        log.info("loading %s in %s", model_id, worker_id())
+        default_model_loader(model_id)
+
+
+@app.task(name=RUN_SHARD_TASK, ignore_result=True)
+def run_shard_task(shard_id: int) -> str:
+    """Runs shard shard_id; a crashed attempt with attempts left is sent again right away."""
+    settings = get_settings()
+    outcome = run_shard(settings=settings, shard_id=int(shard_id), worker_id=worker_id())
+    log.info("shard %s: %s (attempt %s, %s written, %s skipped)", shard_id, outcome.status, outcome.attempt,
+             outcome.written, outcome.skipped)
+    if outcome.status == "released" and outcome.queue:
+        enqueue_shards(settings, [(int(shard_id), outcome.queue)])
+    return outcome.status
+
+
+@app.task(name=REAP_TASK, ignore_result=True)
+def reap_task() -> None:
+    """One reaper pass (beat sends this every reaper_interval_seconds)."""
+    report = reap(get_settings())
+    log.info("reaper: %s", report)
