@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import OperationalError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from storage.errors import StorageError, StorageKeyNotFound
+
+log = logging.getLogger(__name__)
 
 
 class ApiError(Exception):
@@ -71,3 +82,59 @@ class ServiceUnavailable(ApiError):
     status_code = 503
     error_type = "server_error"
     default_code = "service_unavailable"
+
+
+def _response(error: ApiError) -> JSONResponse:
+    # The SDK retries 409 by default; a state conflict will not resolve itself, so tell it not to.
+    headers = {"x-should-retry": "false"} if error.status_code == 409 else None
+    return JSONResponse(error.body(), status_code=error.status_code, headers=headers)
+
+
+def _validation_error(exc: RequestValidationError) -> InvalidRequest:
+    first = exc.errors()[0] if exc.errors() else {}
+    loc = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path", "header")]
+    param = ".".join(loc) or None
+    if first.get("type") == "missing":
+        return InvalidRequest(f"Missing required parameter: '{param}'.", param=param,
+                              code="missing_required_parameter")
+    return InvalidRequest(f"Invalid value for '{param}': {first.get('msg', 'invalid')}.", param=param,
+                          code="invalid_value")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Renders every error as an OpenAI body: genq errors, FastAPI validation (400, never 422),
+    unknown routes, unreachable dependencies (503) and, last, anything unexpected (500, no traceback)."""
+
+    @app.exception_handler(ApiError)
+    async def api_error(_request: Request, exc: ApiError) -> JSONResponse:
+        return _response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _response(_validation_error(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        error = ApiError(str(exc.detail), code="not_found" if exc.status_code == 404 else None)
+        error.status_code, error.error_type = exc.status_code, "invalid_request_error"
+        return JSONResponse(error.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(StorageKeyNotFound)
+    async def missing_bytes(_request: Request, exc: StorageKeyNotFound) -> JSONResponse:
+        log.error("storage is missing an object the database names: %s", exc)
+        return _response(NotFound("The object's content is no longer in storage.", code="content_missing"))
+
+    @app.exception_handler(StorageError)
+    async def storage_down(_request: Request, exc: StorageError) -> JSONResponse:
+        log.error("storage error: %s", exc)
+        return _response(ServiceUnavailable("Storage is unavailable; retry later."))
+
+    @app.exception_handler(OperationalError)
+    async def database_down(_request: Request, exc: OperationalError) -> JSONResponse:
+        log.error("database error: %s", exc)
+        return _response(ServiceUnavailable("The database is unavailable; retry later."))
+
+    @app.exception_handler(Exception)
+    async def unexpected(_request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error", exc_info=exc)
+        return _response(ApiError("The server had an error while processing your request.", code="internal_error"))

@@ -42,8 +42,8 @@ class RequestCounts:
 
 
 def new_batch_id() -> str:
-    """A fresh OpenAI-style batch id, "batch_" + 24 hex digits."""
-    return f"batch_{secrets.token_hex(12)}"
+    """A fresh batch id, "batch_" + 24 hex digits: milliseconds then random, so ids sort by creation."""
+    return f"batch_{int(time.time() * 1000):011x}{secrets.token_hex(7)[:13]}"
 
 
 def add_batch(*, session: Session, batch_id: str, tenant_id: str, input_file_id: str, endpoint: str,

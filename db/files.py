@@ -13,8 +13,8 @@ from db.models import File
 
 
 def new_file_id() -> str:
-    """A fresh OpenAI-style file id, "file-" + 24 hex digits."""
-    return f"file-{secrets.token_hex(12)}"
+    """A fresh file id, "file-" + 24 hex digits: milliseconds then random, so ids sort by creation."""
+    return f"file-{int(time.time() * 1000):011x}{secrets.token_hex(7)[:13]}"
 
 
 def file_storage_key(file_id: str) -> str:

@@ -52,3 +52,39 @@ def api_key(session, tenant) -> str:
     _, secret = create_api_key(session=session, tenant_id=tenant.id)
     session.commit()
     return secret
+
+
+@pytest.fixture
+def app(settings):
+    from api.main import create_app
+
+    return create_app(settings)
+
+
+@pytest.fixture
+def http(app):
+    from fastapi.testclient import TestClient
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        yield client
+
+
+@pytest.fixture
+def client(http, api_key):
+    """The official SDK, talking to the app in-process; no retries so each call is one request."""
+    import openai
+
+    return openai.OpenAI(base_url="http://testserver/v1", api_key=api_key, http_client=http, max_retries=0)
+
+
+def jsonl(lines: list) -> bytes:
+    """JSONL bytes of dicts (dumped) and bytes (kept as they are)."""
+    return b"".join((x if isinstance(x, bytes) else json.dumps(x).encode()) + b"\n" for x in lines)
+
+
+def chat_line(custom_id: str, model: str | None = None, **body) -> dict:
+    from workers.registry import BUNDLED_MODEL_ID
+
+    return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": model or BUNDLED_MODEL_ID, "messages": [{"role": "user", "content": custom_id}],
+                     **body}}

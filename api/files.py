@@ -1,0 +1,117 @@
+"""/v1/files: upload (streamed to storage), list, retrieve, content, delete."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Literal
+from urllib.parse import quote
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from api.auth import TenantDep
+from api.deps import SessionDep, SettingsDep, StoreDep
+from api.errors import InvalidRequest, NotFound
+from api.schemas import FileDeleted, FileList, FileObject
+from api.uploads import receive_upload
+from db.files import create_file, delete_file, file_storage_key, get_file, list_files, new_file_id
+from db.models import File
+
+router = APIRouter(prefix="/v1", tags=["files"])
+UPLOAD_PURPOSES = ("batch", "fine-tune")
+MIN_EXPIRY_SECONDS, MAX_EXPIRY_SECONDS = 3600, 2_592_000
+UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["file", "purpose"], "properties": {
+        "file": {"type": "string", "format": "binary"},
+        "purpose": {"type": "string", "enum": list(UPLOAD_PURPOSES)},
+        "expires_after[anchor]": {"type": "string", "enum": ["created_at"]},
+        "expires_after[seconds]": {"type": "integer", "minimum": MIN_EXPIRY_SECONDS,
+                                   "maximum": MAX_EXPIRY_SECONDS}}}}}}}
+
+
+def upload_expiry(fields: dict[str, str]) -> tuple[str, int | None]:
+    """(purpose, expires_at) from the upload's text fields, or InvalidRequest."""
+    purpose = fields.get("purpose")
+    if not purpose:
+        raise InvalidRequest("Missing required parameter: 'purpose'.", param="purpose",
+                             code="missing_required_parameter")
+    if purpose not in UPLOAD_PURPOSES:
+        raise InvalidRequest(f"purpose must be one of {', '.join(UPLOAD_PURPOSES)}.", param="purpose",
+                             code="invalid_value")
+    seconds = fields.get("expires_after[seconds]")
+    if seconds is None:
+        return purpose, None
+    if fields.get("expires_after[anchor]", "created_at") != "created_at" or not seconds.isdigit() \
+            or not MIN_EXPIRY_SECONDS <= int(seconds) <= MAX_EXPIRY_SECONDS:
+        raise InvalidRequest(f"expires_after needs anchor 'created_at' and {MIN_EXPIRY_SECONDS} to "
+                             f"{MAX_EXPIRY_SECONDS} seconds.", param="expires_after", code="invalid_value")
+    return purpose, int(time.time()) + int(seconds)
+
+
+def _tenant_file(session: SessionDep, tenant_id: str, file_id: str) -> File:
+    row = get_file(session=session, tenant_id=tenant_id, file_id=file_id)
+    if row is None:
+        raise NotFound(f"No such File object: {file_id}", param="id")
+    return row
+
+
+@router.post("/files", response_model=FileObject, openapi_extra=UPLOAD_BODY)
+async def upload_file(request: Request, tenant_id: TenantDep, session: SessionDep, settings: SettingsDep,
+                      store: StoreDep) -> FileObject:
+    """Stores the multipart 'file' (at most settings.max_file_bytes; 413 beyond) and records it."""
+    file_id = new_file_id()
+    key = file_storage_key(file_id)
+    upload = await receive_upload(request, store=store, key=key, limit=settings.max_file_bytes)
+    try:
+        purpose, expires_at = upload_expiry(upload.fields)
+    except InvalidRequest:
+        await run_in_threadpool(store.delete, key)
+        raise
+
+    def record() -> File:
+        row = create_file(session=session, tenant_id=tenant_id, file_id=file_id, filename=upload.filename,
+                          purpose=purpose, size=upload.size, storage_key=key, expires_at=expires_at)
+        session.commit()
+        return row
+
+    return FileObject.from_row(await run_in_threadpool(record))
+
+
+@router.get("/files", response_model=FileList)
+def list_tenant_files(tenant_id: TenantDep, session: SessionDep, after: str | None = None,
+                      limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000,
+                      order: Literal["asc", "desc"] = "desc", purpose: str | None = None) -> FileList:
+    """A page of the tenant's files."""
+    rows, has_more = list_files(session=session, tenant_id=tenant_id, after=after, limit=limit, order=order,
+                                purpose=purpose)
+    data = [FileObject.from_row(row) for row in rows]
+    return FileList(data=data, first_id=rows[0].id if rows else None, last_id=rows[-1].id if rows else None,
+                    has_more=has_more)
+
+
+@router.get("/files/{file_id}", response_model=FileObject)
+def retrieve_file(file_id: str, tenant_id: TenantDep, session: SessionDep) -> FileObject:
+    """The tenant's file."""
+    return FileObject.from_row(_tenant_file(session, tenant_id, file_id))
+
+
+@router.get("/files/{file_id}/content", response_class=StreamingResponse)
+def file_content(file_id: str, tenant_id: TenantDep, session: SessionDep, store: StoreDep) -> StreamingResponse:
+    """The file's bytes, streamed from storage."""
+    row = _tenant_file(session, tenant_id, file_id)
+    chunks = store.iter_chunks(row.storage_key)
+    return StreamingResponse(chunks, media_type="application/octet-stream",
+                             headers={"Content-Length": str(row.bytes),
+                                      "Content-Disposition": f"attachment; filename*=UTF-8''{quote(row.filename)}"})
+
+
+@router.delete("/files/{file_id}", response_model=FileDeleted)
+def remove_file(file_id: str, tenant_id: TenantDep, session: SessionDep, store: StoreDep) -> FileDeleted:
+    """Deletes the file's record, then its bytes."""
+    row = delete_file(session=session, tenant_id=tenant_id, file_id=file_id)
+    if row is None:
+        raise NotFound(f"No such File object: {file_id}", param="id")
+    session.commit()
+    store.delete(row.storage_key)
+    return FileDeleted(id=file_id)

@@ -1,0 +1,148 @@
+"""POST /v1/batches rejects bad input files synchronously: 400, the exact code, and the line number."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+
+from tests.api.conftest import SECOND_MODEL, chat_line, jsonl
+
+CHAT = "/v1/chat/completions"
+
+
+def create_with(client: openai.OpenAI, content: bytes, endpoint: str = CHAT, **kwargs):
+    file_id = client.files.create(file=("in.jsonl", content), purpose="batch").id
+    return client.batches.create(input_file_id=file_id, endpoint=endpoint, completion_window="24h", **kwargs)
+
+
+def without(line: dict, key: str) -> dict:
+    return {k: v for k, v in line.items() if k != key}
+
+
+def with_body(custom_id: str, **changes) -> dict:
+    line = chat_line(custom_id)
+    line["body"].update(changes)
+    return line
+
+
+BAD_FILES = {
+    "not_jsonl": (b"sku,title\nA1,Chair\n", "invalid_json_line", 1, None),
+    "not_utf8": (b"\xff\xfe\x00garbage\n", "invalid_file_format", 1, None),
+    "bad_json_line": (jsonl([chat_line("a"), b'{"custom_id": "b",']), "invalid_json_line", 2, None),
+    "json_not_object": (jsonl([[1, 2]]), "invalid_json_line", 1, None),
+    "missing_custom_id": (jsonl([chat_line("a"), without(chat_line("b"), "custom_id")]),
+                          "missing_required_parameter", 2, "custom_id"),
+    "missing_method": (jsonl([without(chat_line("a"), "method")]), "missing_required_parameter", 1, "method"),
+    "missing_url": (jsonl([without(chat_line("a"), "url")]), "missing_required_parameter", 1, "url"),
+    "missing_body": (jsonl([without(chat_line("a"), "body")]), "missing_required_parameter", 1, "body"),
+    "method_get": (jsonl([chat_line("a") | {"method": "GET"}]), "invalid_method", 1, "method"),
+    "duplicate_custom_id": (jsonl([chat_line("a"), chat_line("b"), chat_line("a")]), "duplicate_custom_id", 3,
+                            "custom_id"),
+    "url_mismatch": (jsonl([chat_line("a") | {"url": "/v1/completions"}]), "invalid_url", 1, "url"),
+    "stream_true": (jsonl([chat_line("a"), with_body("b", stream=True)]), "streaming_unsupported", 2, "body.stream"),
+    "unknown_model": (jsonl([chat_line("a", model="gpt-17")]), "model_not_found", 1, "body.model"),
+    "missing_model": (jsonl([{**chat_line("a"), "body": {"messages": [{"role": "user", "content": "x"}]}}]),
+                      "missing_required_parameter", 1, "body.model"),
+    "max_tokens_zero": (jsonl([with_body("a", max_tokens=0)]), "invalid_value", 1, "body.max_tokens"),
+    "max_tokens_beyond_context": (jsonl([chat_line("a"), chat_line("b", model=SECOND_MODEL, max_tokens=513)]),
+                                  "invalid_value", 2, "body.max_tokens"),
+    "max_completion_tokens_negative": (jsonl([with_body("a", max_completion_tokens=-1)]), "invalid_value", 1,
+                                       "body.max_completion_tokens"),
+    "temperature_high": (jsonl([with_body("a", temperature=2.5)]), "invalid_value", 1, "body.temperature"),
+    "temperature_negative": (jsonl([with_body("a", temperature=-0.1)]), "invalid_value", 1, "body.temperature"),
+    "top_p_zero": (jsonl([with_body("a", top_p=0)]), "invalid_value", 1, "body.top_p"),
+    "n_two": (jsonl([with_body("a", n=2)]), "invalid_value", 1, "body.n"),
+    "five_stops": (jsonl([with_body("a", stop=["a", "b", "c", "d", "e"])]), "invalid_value", 1, "body.stop"),
+    "empty_messages": (jsonl([with_body("a", messages=[])]), "invalid_value", 1, "body.messages"),
+    "missing_messages": (jsonl([{**chat_line("a"), "body": {"model": chat_line("a")["body"]["model"]}}]),
+                         "missing_required_parameter", 1, "body.messages"),
+    "empty_file": (b"\n\n", "empty_file", None, None),
+    "too_many_requests": (jsonl([chat_line(f"r{i}") for i in range(51)]), "too_many_requests", 51, None),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FILES))
+def test_bad_input_file(client: openai.OpenAI, case: str) -> None:
+    content, code, line, param = BAD_FILES[case]
+    with pytest.raises(openai.BadRequestError) as info:
+        create_with(client, content)
+    error = info.value.body
+    assert info.value.status_code == 400
+    assert (error["code"], error["line"], error["param"]) == (code, line, param)
+    assert error["type"] == "invalid_request_error"
+    if line is not None:
+        assert f"Line {line}" in error["message"]
+    assert error["errors"]["data"][0] == {"code": code, "message": error["errors"]["data"][0]["message"],
+                                          "param": param, "line": line}
+    assert client.batches.list().data == []  # nothing was created
+
+
+def test_completions_prompt_required(client: openai.OpenAI) -> None:
+    line = {"custom_id": "a", "method": "POST", "url": "/v1/completions",
+            "body": {"model": chat_line("a")["body"]["model"]}}
+    with pytest.raises(openai.BadRequestError) as info:
+        create_with(client, jsonl([line]), endpoint="/v1/completions")
+    assert (info.value.body["code"], info.value.body["param"]) == ("missing_required_parameter", "body.prompt")
+
+
+def test_every_error_is_listed(client: openai.OpenAI) -> None:
+    lines = [chat_line("a"), b"nope", with_body("b", temperature=9), chat_line("a")]
+    with pytest.raises(openai.BadRequestError) as info:
+        create_with(client, jsonl(lines))
+    listed = [(e["code"], e["line"]) for e in info.value.body["errors"]["data"]]
+    assert listed == [("invalid_json_line", 2), ("invalid_value", 3), ("duplicate_custom_id", 4)]
+    assert "2 more error(s)" in info.value.body["message"]
+
+
+@pytest.mark.parametrize(("kwargs", "param"), [
+    ({"endpoint": "/v1/embeddings"}, "endpoint"),
+    ({"completion_window": "2w"}, "completion_window"),
+    ({"metadata": {f"k{i}": "v" for i in range(17)}}, "metadata"),
+    ({"metadata": {"k": "v" * 513}}, "metadata"),
+])
+def test_bad_create_parameters(client: openai.OpenAI, kwargs: dict, param: str) -> None:
+    file_id = client.files.create(file=("in.jsonl", jsonl([chat_line("a")])), purpose="batch").id
+    params = {"input_file_id": file_id, "endpoint": CHAT, "completion_window": "24h"} | kwargs
+    with pytest.raises(openai.BadRequestError) as info:
+        client.batches.create(**params)
+    assert info.value.body["param"].startswith(param) and info.value.body["code"] == "invalid_value"
+
+
+def test_missing_input_file_id_is_400_not_422(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        client.post("/batches", body={"endpoint": CHAT, "completion_window": "24h"}, cast_to=object)
+    assert info.value.body["code"] == "missing_required_parameter" and info.value.body["param"] == "input_file_id"
+
+
+def test_unknown_and_foreign_files_are_404(client: openai.OpenAI, session, api_key) -> None:
+    with pytest.raises(openai.NotFoundError):
+        client.batches.create(input_file_id="file-doesnotexist", endpoint=CHAT, completion_window="24h")
+    from db.tenants import create_api_key, create_tenant
+
+    other = create_tenant(session=session, name=f"other-{api_key[-8:]}")
+    _, other_secret = create_api_key(session=session, tenant_id=other.id)
+    session.commit()
+    try:
+        other_client = client.with_options(api_key=other_secret)
+        foreign = other_client.files.create(file=("in.jsonl", jsonl([chat_line("a")])), purpose="batch")
+        with pytest.raises(openai.NotFoundError) as info:
+            client.batches.create(input_file_id=foreign.id, endpoint=CHAT, completion_window="24h")
+        assert info.value.body["param"] == "input_file_id"
+        for call in (client.files.retrieve, client.files.content, client.files.delete):
+            with pytest.raises(openai.NotFoundError):
+                call(foreign.id)
+        batch = other_client.batches.create(input_file_id=foreign.id, endpoint=CHAT, completion_window="24h")
+        for call in (client.batches.retrieve, client.batches.cancel):
+            with pytest.raises(openai.NotFoundError):
+                call(batch.id)
+        assert client.batches.list().data == [] and client.files.list().data == []
+    finally:
+        session.delete(other)
+        session.commit()
+
+
+def test_file_of_wrong_purpose(client: openai.OpenAI) -> None:
+    file_id = client.files.create(file=("ft.jsonl", jsonl([chat_line("a")])), purpose="fine-tune").id
+    with pytest.raises(openai.BadRequestError) as info:
+        client.batches.create(input_file_id=file_id, endpoint=CHAT, completion_window="24h")
+    assert info.value.body["code"] == "invalid_file_purpose"
