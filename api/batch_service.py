@@ -10,6 +10,7 @@ import hashlib
 import json
 import re
 import tempfile
+from contextlib import nullcontext
 from typing import IO, Any
 
 from sqlalchemy.exc import IntegrityError
@@ -97,8 +98,10 @@ def create_batch(*, session: Session, store: Store, settings: Settings, tenant_i
     batch_id = new_batch_id()
     plan = validate_and_shard(store=store, settings=settings, input_key=file.storage_key, endpoint=endpoint,
                               batch_id=batch_id)
+    # With an idempotency key, a concurrent twin may insert first: a savepoint lets us return its batch.
+    guard = session.begin_nested() if idempotency_key else nullcontext()
     try:
-        with session.begin_nested():
+        with guard:
             batch = add_batch(session=session, batch_id=batch_id, tenant_id=tenant_id, input_file_id=input_file_id,
                               endpoint=endpoint, completion_window=window, model=",".join(plan.models),
                               metadata=metadata, request_total=plan.total, idempotency_key=idempotency_key,
@@ -107,7 +110,7 @@ def create_batch(*, session: Session, store: Store, settings: Settings, tenant_i
             shards = add_shards(session=session, batch_id=batch_id, shards=[
                 NewShard(index=s.index, model=s.model, queue=queue_for_model(s.model), input_key=s.input_key,
                          request_count=s.request_count) for s in plan.shards])
-    except IntegrityError:  # a concurrent request with the same idempotency key won the race
+    except IntegrityError:
         existing = _replay(session=session, tenant_id=tenant_id, key=idempotency_key or "", fingerprint=fingerprint)
         if existing is None:
             raise

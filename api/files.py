@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Annotated, Literal
 from urllib.parse import quote
@@ -17,7 +18,9 @@ from api.schemas import FileDeleted, FileList, FileObject
 from api.uploads import receive_upload
 from db.files import create_file, delete_file, file_storage_key, get_file, list_files, new_file_id
 from db.models import File
+from storage import StorageError
 
+log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["files"])
 UPLOAD_PURPOSES = ("batch", "fine-tune")
 MIN_EXPIRY_SECONDS, MAX_EXPIRY_SECONDS = 3600, 2_592_000
@@ -113,5 +116,8 @@ def remove_file(file_id: str, tenant_id: TenantDep, session: SessionDep, store: 
     if row is None:
         raise NotFound(f"No such File object: {file_id}", param="id")
     session.commit()
-    store.delete(row.storage_key)
+    try:
+        store.delete(row.storage_key)
+    except StorageError as exc:  # the record is gone; orphaned bytes are only wasted space
+        log.warning("file %s deleted but its bytes at %s remain: %s", file_id, row.storage_key, exc)
     return FileDeleted(id=file_id)

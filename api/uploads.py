@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import io
 import queue
+from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -155,7 +156,8 @@ async def receive_upload(request: Request, *, store: Store, key: str, limit: int
     except BaseException as exc:
         if upload is not None:
             await _abort(pipe, upload, exc)
-            await run_in_threadpool(store.delete, key)
+            with suppress(Exception):  # the client gets the original error, not a cleanup failure
+                await run_in_threadpool(store.delete, key)
         if isinstance(exc, FormParserError):
             raise InvalidRequest("The multipart body is malformed.", param="file", code="invalid_value") from exc
         raise

@@ -91,7 +91,9 @@ def list_batches(*, session: Session, tenant_id: str, after: str | None = None,
     query = select(Batch).where(Batch.tenant_id == tenant_id)
     if after:
         cursor = get_batch(session=session, tenant_id=tenant_id, batch_id=after)
-        if cursor is not None:
+        if cursor is None:  # unknown id: compare ids alone (they sort by creation time) rather than restart
+            query = query.where(Batch.id < after)
+        else:
             query = query.where(or_(Batch.created_at < cursor.created_at,
                                     and_(Batch.created_at == cursor.created_at, Batch.id < cursor.id)))
     rows = list(session.scalars(query.order_by(Batch.created_at.desc(), Batch.id.desc()).limit(limit + 1)))

@@ -6,7 +6,7 @@ import secrets
 import time
 from typing import Literal
 
-from sqlalchemy import and_, delete, or_, select
+from sqlalchemy import ColumnElement, and_, delete, or_, select
 from sqlalchemy.orm import Session
 
 from db.models import File
@@ -46,19 +46,24 @@ def list_files(*, session: Session, tenant_id: str, after: str | None = None, li
         query = query.where(File.purpose == purpose)
     descending = order == "desc"
     if after:
-        cursor = session.get(File, after)
-        if cursor is not None and cursor.tenant_id == tenant_id:
-            created, ident = cursor.created_at, cursor.id
-            if descending:
-                query = query.where(or_(File.created_at < created, and_(File.created_at == created, File.id < ident)))
-            else:
-                query = query.where(or_(File.created_at > created, and_(File.created_at == created, File.id > ident)))
+        query = query.where(_after_cursor(session=session, tenant_id=tenant_id, after=after, descending=descending))
     if descending:
         query = query.order_by(File.created_at.desc(), File.id.desc())
     else:
         query = query.order_by(File.created_at.asc(), File.id.asc())
     rows = list(session.scalars(query.limit(limit + 1)))
     return rows[:limit], len(rows) > limit
+
+
+def _after_cursor(*, session: Session, tenant_id: str, after: str, descending: bool) -> ColumnElement[bool]:
+    """Rows past the file `after` in (created_at, id) order; by id alone if it is gone (ids sort by time)."""
+    cursor = get_file(session=session, tenant_id=tenant_id, file_id=after)
+    if cursor is None:
+        return File.id < after if descending else File.id > after
+    created, ident = cursor.created_at, cursor.id
+    if descending:
+        return or_(File.created_at < created, and_(File.created_at == created, File.id < ident))
+    return or_(File.created_at > created, and_(File.created_at == created, File.id > ident))
 
 
 def delete_file(*, session: Session, tenant_id: str, file_id: str) -> File | None:
