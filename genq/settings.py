@@ -50,6 +50,12 @@ class Settings(BaseSettings):
 
     api_host: str = "127.0.0.1"
     api_port: int = 8000
+    # Where `genq submit/status/results` send requests, and with which key. GENQ_API_BASE and
+    # GENQ_API_KEY win; OPENAI_BASE_URL and OPENAI_API_KEY (the SDK's own variables) are the fallback.
+    api_base: str = ""
+    api_key: str | None = Field(default=None, repr=False)
+    openai_base_url: str | None = Field(default=None, validation_alias="OPENAI_BASE_URL")
+    openai_api_key: str | None = Field(default=None, validation_alias="OPENAI_API_KEY", repr=False)
     # Optional bootstrap key for `genq api` in a fresh deployment (no default secret).
     bootstrap_api_key: str | None = Field(default=None, repr=False)
 
@@ -58,6 +64,13 @@ class Settings(BaseSettings):
 
     def resolved_storage_url(self) -> str:
         return self.storage_url or str(self.home / "store")
+
+    def client_base_url(self) -> str:
+        """The API base URL (ending in /v1) that genq's client commands use."""
+        return self.api_base or self.openai_base_url or f"http://{self.api_host}:{self.api_port}/v1"
+
+    def client_api_key(self) -> str | None:
+        return self.api_key or self.openai_api_key
 
 
 @lru_cache

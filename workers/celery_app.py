@@ -7,7 +7,8 @@ is a wake-up signal, results are ignored, and every effect is fenced by a shard 
 
 from __future__ import annotations
 
-from functools import lru_cache
+import json
+import threading
 from typing import Any
 
 from celery import Celery
@@ -75,14 +76,17 @@ def create_celery_app(settings: Settings) -> Celery:
     return app
 
 
-@lru_cache(maxsize=8)
-def _cached_app(settings_json: str) -> Celery:
-    return create_celery_app(Settings.model_validate_json(settings_json))
+_apps: dict[str, Celery] = {}
+_apps_lock = threading.Lock()
 
 
 def celery_app_for(settings: Settings) -> Celery:
     """The process-wide app for these settings (one connection pool per distinct configuration)."""
-    return _cached_app(settings.model_dump_json())
+    key = json.dumps(celery_config(settings), sort_keys=True, default=str)
+    with _apps_lock:
+        if key not in _apps:
+            _apps[key] = create_celery_app(settings)
+        return _apps[key]
 
 
 # What `celery -A workers.celery_app` and `genq worker` run.
