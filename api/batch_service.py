@@ -11,7 +11,7 @@ import json
 import re
 import tempfile
 from contextlib import nullcontext
-from typing import IO, Any
+from typing import IO, Any, BinaryIO
 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -30,7 +30,7 @@ from db.batches import (
     succeeded_custom_ids,
 )
 from db.files import create_file, file_storage_key, get_file, new_file_id
-from db.models import Batch, Shard
+from db.models import Batch, File, Shard
 from genq.settings import Settings
 from storage import Store
 from workers.dispatch import queue_for_model
@@ -63,6 +63,15 @@ def check_metadata(metadata: dict[str, Any] | None) -> None:
             raise InvalidRequest(f"metadata keys must be at most {MAX_METADATA_KEY} characters and values "
                                  f"strings of at most {MAX_METADATA_VALUE}", param=f"metadata.{key}",
                                  code="invalid_value")
+
+
+def save_file(*, session: Session, store: Store, tenant_id: str, fileobj: IO[bytes] | BinaryIO, filename: str,
+              purpose: str = "batch", expires_at: int | None = None) -> File:
+    """Streams fileobj into storage and records it as a new file of the tenant (what `genq run` uploads)."""
+    file_id = new_file_id()
+    size = store.put_stream(file_storage_key(file_id), fileobj)
+    return create_file(session=session, tenant_id=tenant_id, file_id=file_id, filename=filename, purpose=purpose,
+                       size=size, expires_at=expires_at)
 
 
 def request_fingerprint(body: dict[str, Any]) -> str:
@@ -139,19 +148,16 @@ def retry_failed(*, session: Session, store: Store, settings: Settings, tenant_i
         raise Conflict(f"batch {batch_id!r} is {source.status.value}; only a finished batch can be retried",
                        code="batch_not_finished")
     done = succeeded_custom_ids(session=session, batch_id=batch_id)
-    file_id = new_file_id()
     with tempfile.SpooledTemporaryFile(max_size=8 << 20) as buffer:  # spills to disk past 8 MiB
         lines = _write_unfinished_lines(session=session, store=store, source=source, done=done, out=buffer)
         if not lines:
             raise InvalidRequest(f"batch {batch_id!r} has no failed or unfinished requests to retry",
                                  code="nothing_to_retry")
-        size = buffer.tell()
         buffer.seek(0)
-        store.put_stream(file_storage_key(file_id), buffer)  # type: ignore[arg-type]
-    create_file(session=session, tenant_id=tenant_id, file_id=file_id, filename=f"{batch_id}_retry.jsonl",
-                purpose="batch", size=size)
+        retry_file = save_file(session=session, store=store, tenant_id=tenant_id, fileobj=buffer,
+                               filename=f"{batch_id}_retry.jsonl", purpose="batch")
     return create_batch(session=session, store=store, settings=settings, tenant_id=tenant_id,
-                        input_file_id=file_id, endpoint=source.endpoint,
+                        input_file_id=retry_file.id, endpoint=source.endpoint,
                         completion_window=completion_window or source.completion_window,
                         metadata=source.metadata_, retried_from=batch_id)
 
