@@ -78,7 +78,9 @@ def start_seaweedfs(data_dir: Path, timeout: float = 60.0) -> S3Server:
         "volume.port.grpc", "filer.port", "filer.port.grpc", "iam.port", "debug.port")}
     data_dir.mkdir(parents=True, exist_ok=True)
     args = [weed_binary(), "server", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-            "-master.telemetry=false", "-s3", "-volume.max=0", "-master.volumeSizeLimitMB=64"]
+            "-master.telemetry=false", "-s3", "-volume.max=0", "-master.volumeSizeLimitMB=64",
+            # Fixed default ports of optional S3 side services collide between concurrent servers.
+            "-s3.port.iceberg=0", "-s3.port.lance=0"]
     args += [f"-{name}={port}" for name, port in ports.items()]
     log = open(data_dir / "weed.log", "wb")  # noqa: SIM115
     process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
