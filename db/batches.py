@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import secrets
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -10,6 +9,7 @@ from typing import Any
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
+from db.ids import sortable_id
 from db.models import Batch, BatchStatus, RequestOutcome, RequestResult, Shard, ShardStatus
 
 FINAL_STATUSES = (BatchStatus.COMPLETED, BatchStatus.FAILED, BatchStatus.EXPIRED, BatchStatus.CANCELLED)
@@ -43,7 +43,7 @@ class RequestCounts:
 
 def new_batch_id() -> str:
     """A fresh batch id, "batch_" + 24 hex digits: milliseconds then random, so ids sort by creation."""
-    return f"batch_{int(time.time() * 1000):011x}{secrets.token_hex(7)[:13]}"
+    return sortable_id("batch_")
 
 
 def add_batch(*, session: Session, batch_id: str, tenant_id: str, input_file_id: str, endpoint: str,

@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import secrets
 import time
 from typing import Literal
 
 from sqlalchemy import ColumnElement, and_, delete, or_, select
 from sqlalchemy.orm import Session
 
+from db.ids import sortable_id
 from db.models import File
 
 
 def new_file_id() -> str:
     """A fresh file id, "file-" + 24 hex digits: milliseconds then random, so ids sort by creation."""
-    return f"file-{int(time.time() * 1000):011x}{secrets.token_hex(7)[:13]}"
+    return sortable_id("file-")
 
 
 def file_storage_key(file_id: str) -> str:
