@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 
@@ -158,3 +159,26 @@ def test_retry_failed(client: openai.OpenAI, app, session) -> None:
     with pytest.raises(openai.BadRequestError) as info:
         client.post(f"/batches/{batch.id}/retry_failed", cast_to=openai.types.Batch)
     assert info.value.body["code"] == "nothing_to_retry"
+
+
+def test_create_enqueues_shards_when_a_broker_is_set(settings, session, api_key, redis_url) -> None:
+    import redis
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+
+    app = create_app(settings.model_copy(update={"broker_url": redis_url}))
+    client = openai.OpenAI(base_url="http://testserver/v1", api_key=api_key, http_client=TestClient(app),
+                           max_retries=0)
+    broker = redis.Redis.from_url(redis_url)
+    queues = [f"genq.{BUNDLED_MODEL_ID}", f"genq.{SECOND_MODEL}"]
+    broker.delete(*queues)
+    try:
+        batch = make_batch(client, n=5)  # shards: 2 for the bundled model, 1 for the second
+        assert [broker.llen(q) for q in queues] == [2, 1]
+        shard_ids = {s.id for s in session.scalars(select(Shard).where(Shard.batch_id == batch.id))}
+        sent = [json.loads(m) for q in queues for m in broker.lrange(q, 0, -1)]
+        assert {m["headers"]["task"] for m in sent} == {"genq.run_shard"}
+        assert {json.loads(base64.b64decode(m["body"]))[0][0] for m in sent} == shard_ids
+    finally:
+        broker.delete(*queues)
