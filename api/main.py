@@ -20,6 +20,25 @@ from genq.settings import Settings, get_settings
 from storage import store_from_settings
 
 log = logging.getLogger(__name__)
+API_DESCRIPTION = """Self-hosted, OpenAI-compatible Files and Batch API; point the official SDK at `/v1`.
+
+Differences from OpenAI, all additive:
+- **Validation is synchronous**: `POST /v1/batches` checks every line of the input file and answers 400 with
+  the first error's `code`, `param` and `line` (1-based), and up to 20 errors in `error.errors.data`.
+- **completion_window**: `"24h"` or any `"<N>h"` / `"<N>d"` up to 365 days (`"1h"`, `"72h"`, `"7d"`).
+  Omitted: the deployment default.
+- **One batch, several models**: lines may name different models; `model` lists them, comma-separated.
+- **Live progress**: `request_counts` also has `in_progress` and `queued`; `usage` sums the tokens so far.
+- **Idempotency-Key** header on `POST /v1/batches`: the same key and body return the same batch; the same
+  key with another body is 409 `idempotency_key_reused`.
+- **Cancel**: an `in_progress` batch becomes `cancelling`; cancelling a `cancelling` or `cancelled` batch
+  returns it unchanged; a `finalizing`, `completed`, `failed` or `expired` batch is 409 `batch_not_cancellable`.
+  Every 409 carries `x-should-retry: false` so the SDK does not retry it.
+- **Extensions**: `GET /v1/batches/{id}/partial` streams the output lines written so far (`?errors=true`: the
+  error lines); `POST /v1/batches/{id}/retry_failed` makes a new batch (`retried_from`) of a finished batch's
+  failed and never-run requests.
+- Uploads larger than the deployment's limit are 413 `file_too_large`; purposes are `batch` and `fine-tune`.
+"""
 
 
 def register_bootstrap_key(settings: Settings) -> None:
@@ -41,8 +60,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             log.warning("could not register the bootstrap API key: %s", exc)
         yield
 
-    app = FastAPI(title="genq", version="0.1.0", lifespan=lifespan,
-                  description="Self-hosted, OpenAI-compatible Files and Batch API.")
+    app = FastAPI(title="genq", version="0.1.0", lifespan=lifespan, description=API_DESCRIPTION)
     app.state.settings = settings
     app.state.store = store_from_settings(settings)
     install_error_handlers(app)
