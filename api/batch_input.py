@@ -26,6 +26,7 @@ BATCH_ENDPOINTS = (CHAT_ENDPOINT, COMPLETIONS_ENDPOINT)
 MAX_REPORTED_ERRORS = 20  # errors listed in error.errors.data; the first is the headline
 MAX_CUSTOM_ID_CHARS = 512  # request_results.custom_id
 MAX_STOP_SEQUENCES = 4
+MAX_LINE_BYTES = 32 << 20  # longest request line read into memory
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,11 @@ def _validate_lines(stream: BinaryIO, *, settings: Settings, endpoint: str, writ
     errors: list[LineError] = []
     seen_ids: set[str] = set()
     total = 0
-    for number, raw in enumerate(stream, start=1):
+    for number, raw in enumerate(iter(lambda: stream.readline(MAX_LINE_BYTES + 1), b""), start=1):
+        if len(raw) > MAX_LINE_BYTES:  # one request this big is a mistake (a JSON array, a binary file)
+            errors.append(LineError("line_too_long", f"Line {number}: is longer than {MAX_LINE_BYTES} bytes; "
+                                    "the input file must be JSONL, one request per line", None, number))
+            break
         if not raw.strip():
             continue  # blank lines (a trailing newline) are not requests
         total += 1

@@ -68,3 +68,12 @@ def test_unknown_file_and_bad_window(session, store, settings, tenant) -> None:
         with pytest.raises(InvalidRequest):
             completion_window_seconds(window)
     assert completion_window_seconds("7d") == 7 * 86400
+
+
+def test_overlong_line_stops_validation(session, store, settings, tenant, monkeypatch) -> None:
+    monkeypatch.setattr("api.batch_input.MAX_LINE_BYTES", 1000)
+    file_id = upload(session, store, tenant.id, [chat_line("a"), b"[" + b"1," * 800 + b"1]"])
+    with pytest.raises(BatchInputInvalid) as info:
+        create_batch(session=session, store=store, settings=settings, tenant_id=tenant.id, input_file_id=file_id,
+                     endpoint="/v1/chat/completions")
+    assert (info.value.code, info.value.extra["line"]) == ("line_too_long", 2)
