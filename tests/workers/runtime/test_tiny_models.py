@@ -10,6 +10,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize
 
+from tests.workers.runtime.forward import packed_logits
 from tests.workers.runtime.tiny_checkpoints import (
     random_hf_state,
     raw_k_quant_bytes,
@@ -19,7 +20,7 @@ from tests.workers.runtime.tiny_checkpoints import (
 )
 from workers.runtime.gguf_loader import load_gguf
 from workers.runtime.kv_cache import KVCache, block_table_tensor
-from workers.runtime.loader import LoadedModel, load_checkpoint
+from workers.runtime.loader import load_checkpoint
 from workers.runtime.model import ForwardBatch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -32,24 +33,6 @@ VARIANTS = {
     "qwen2-bias-tied": dict(arch="qwen2", tie=True),
 }
 PROMPTS = [[5, 70, 71, 80, 90, 3, 4, 9, 10, 11, 200, 201, 30, 31, 32, 33, 34, 35, 36, 37], [100, 12, 99], [7]]
-
-
-def packed_logits(lm: LoadedModel, prompts: list[list[int]]) -> list[torch.Tensor]:
-    """Logits [len, V] of every position of each prompt, all prompts prefilled together (varlen)."""
-    config = lm.config
-    cache = KVCache(config, num_blocks=64, block_size=16, device=torch.device("cpu"), dtype=torch.float32)
-    tables, cu = [], [0]
-    for p in prompts:
-        tables.append(cache.allocator.allocate(cache.blocks_for(len(p))))
-        cu.append(cu[-1] + len(p))
-    batch = ForwardBatch(
-        tokens=torch.tensor([t for p in prompts for t in p]),
-        positions=torch.cat([torch.arange(len(p)) for p in prompts]),
-        block_tables=block_table_tensor(tables, torch.device("cpu")), is_prefill=True,
-        cu_seqlens=torch.tensor(cu, dtype=torch.int32),
-    )
-    logits = lm.model(batch, cache)
-    return [logits[a:b] for a, b in zip(cu[:-1], cu[1:], strict=True)]
 
 
 @pytest.fixture(params=list(VARIANTS), scope="module")
