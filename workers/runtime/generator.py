@@ -255,7 +255,7 @@ class Generator:
     def _check_stop(self, seq: _Sequence, token: int) -> None:
         """Sets finish_reason on eos, on a stop string (cut from the text), or at max_tokens."""
         params = seq.request.params
-        if token in self.eos_ids:
+        if token in self.eos_ids and not params.ignore_eos:
             seq.finish_reason = "stop"
             return
         before = len(seq.text)

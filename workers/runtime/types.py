@@ -21,6 +21,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)  # up to 4 stop strings; never included in the text
     max_tokens: int = 256
     logprobs: bool = False
+    ignore_eos: bool = False  # keep generating past eos until max_tokens or a stop string (benchmarks; vLLM's)
 
 
 @dataclass
