@@ -1,4 +1,10 @@
-"""The one place that chooses between Triton kernels (CUDA) and torch references (everything else)."""
+"""The one place that chooses between Triton kernels (CUDA) and torch references (everything else).
+
+GENQ_KERNELS=reference forces the torch references everywhere (A/B checks); GENQ_KERNELS=interpret
+also runs the Triton launchers on CPU tensors, which needs TRITON_INTERPRET=1 set before triton is
+first imported (tests only: the interpreter is slow). Without triton installed, everything runs the
+references.
+"""
 
 from __future__ import annotations
 
@@ -6,31 +12,53 @@ import os
 
 import torch
 
-from kernels.attention_decode import decode_attention_reference
-from kernels.attention_prefill import prefill_attention_reference, write_kv_reference
-from kernels.sampling import SamplingMetadata, sample_reference
+from kernels.attention_decode import decode_attention_reference, decode_attention_triton
+from kernels.attention_prefill import prefill_attention_reference, prefill_attention_triton, write_kv_reference
+from kernels.sampling import SamplingMetadata, sample_reference, sample_triton
+from kernels.sampling import triton as _triton
 
 
 def use_triton(t: torch.Tensor) -> bool:
-    """Triton on CUDA tensors, unless GENQ_KERNELS=reference forces the torch path (for A/B checks)."""
-    return t.is_cuda and os.environ.get("GENQ_KERNELS", "triton") != "reference"
+    """Triton on CUDA tensors (and on CPU under GENQ_KERNELS=interpret), unless GENQ_KERNELS=reference."""
+    mode = os.environ.get("GENQ_KERNELS", "triton")
+    if _triton is None or mode == "reference":
+        return False
+    return t.is_cuda or mode == "interpret"
 
 
 def sample(logits: torch.Tensor, meta: SamplingMetadata) -> tuple[torch.Tensor, torch.Tensor | None]:
     """logits [B, V] -> (tokens [B] int64, logprobs [B] float32 or None)."""
+    if use_triton(logits):
+        return sample_triton(logits, meta)
     return sample_reference(logits, meta)
 
 
-def prefill_attention(q, k, v, cu_seqlens, k_cache, v_cache, block_tables, sm_scale: float) -> torch.Tensor:
-    """Causal varlen attention, packed q/k/v [T, H, D] -> out [T, Hq, D]; writes k, v into the paged cache."""
+def prefill_attention(
+    q, k, v, cu_seqlens, k_cache, v_cache, block_tables, sm_scale: float, *, max_seqlen: int | None = None
+) -> torch.Tensor:
+    """Causal varlen attention, packed q/k/v [T, H, D] -> out [T, Hq, D]; writes k, v into the paged cache.
+
+    max_seqlen (longest sequence in the packing), when given, saves the Triton path a device sync.
+    """
+    if use_triton(q):
+        return prefill_attention_triton(
+            q, k, v, cu_seqlens, k_cache, v_cache, block_tables, sm_scale, max_seqlen=max_seqlen
+        )
     return prefill_attention_reference(q, k, v, cu_seqlens, k_cache, v_cache, block_tables, sm_scale)
 
 
-def decode_attention(q, k_cache, v_cache, block_tables, seq_lens, sm_scale: float) -> torch.Tensor:
-    """One query per sequence, q [B, Hq, D] -> out [B, Hq, D], against the paged cache."""
+def decode_attention(
+    q, k_cache, v_cache, block_tables, seq_lens, sm_scale: float, *, max_seq_len: int | None = None
+) -> torch.Tensor:
+    """One query per sequence, q [B, Hq, D] -> out [B, Hq, D], against the paged cache.
+
+    max_seq_len (largest seq_lens entry), when given, saves the Triton path a device sync.
+    """
+    if use_triton(q):
+        return decode_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, sm_scale, max_seq_len=max_seq_len)
     return decode_attention_reference(q, k_cache, v_cache, block_tables, seq_lens, sm_scale)
 
 
 def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
-    """Scatter k, v [T, Hkv, D] into the paged cache at flat slots [T]."""
+    """Scatter k, v [T, Hkv, D] into the paged cache at flat slots [T] (torch indexing on every device)."""
     write_kv_reference(k, v, k_cache, v_cache, slot_mapping)

@@ -174,29 +174,43 @@ if triton is not None:
             if any_stored:
                 tl.store(work_ptr + rows64[:, None] * vocab + idx[None, :], x, mask=mask & stored[:, None])
 
-        # Top-k: the largest key t with count(key >= t) >= k is the k-th largest value.
-        # Invariant: count(key >= lo) >= k > count(key >= hi); rows not searching have hi = lo + 1.
+        # Both searches try NSPLIT thresholds from lo to hi inclusive per pass, then snap the new bounds
+        # onto row keys, so a search ends as soon as its interval holds one distinct value, usually
+        # after a few passes rather than 32 / log2(NSPLIT - 1).
+        tl.static_assert(NSPLIT >= 3)
+        last = (split == NSPLIT - 1)[None, :]  # [1, N]
+
+        # Top-k: the k-th largest value is the largest key t with count(key >= t) >= k.
+        # Invariant: lo and hi - 1 are row keys, count(key >= lo) >= k > count(key >= hi).
         lo = tl.where(has_topk, _float_key(x_min).to(tl.int64), 0)
         hi = tl.where(has_topk, _float_key(x_max).to(tl.int64) + 1, 1)
         if tl.max(has_topk.to(tl.int32), axis=0) > 0:
             while tl.max(hi - lo, axis=0) > 1:
-                thr = lo[:, None] + ((hi - lo)[:, None] * split[None, :]) // NSPLIT  # [R, N], thr[:, 0] = lo
+                thr = lo[:, None] + ((hi - lo)[:, None] * split[None, :]) // (NSPLIT - 1)  # [R, N]
                 thr32 = thr.to(tl.int32)
                 count_ge = tl.zeros([ROWS, NSPLIT], tl.int32)
+                min_ge = tl.full([ROWS, NSPLIT], 2147483647, tl.int32)  # smallest key >= thr
+                max_lt = tl.full([ROWS, NSPLIT], -2147483648, tl.int32)  # largest key < thr
                 for start in range(0, vocab, BLOCK_V):
                     idx = start + cols
                     mask = has_topk[:, None] & (idx < vocab)[None, :]
                     x = tl.load(work_ptr + rows64[:, None] * vocab + idx[None, :], mask=mask, other=float("-inf"))
-                    ge = (_float_key(x)[:, :, None] >= thr32[:, None, :]) & mask[:, :, None]  # [R, BV, N]
-                    count_ge += tl.sum(ge.to(tl.int32), axis=1)
-                ok = count_ge >= k_eff[:, None]  # true at split 0, false from some split on (or never)
-                lo = tl.max(tl.where(ok, thr, lo[:, None]), axis=1)
-                hi = tl.min(tl.where(ok, hi[:, None], thr), axis=1)
+                    key = _float_key(x)[:, :, None]  # [R, BV, 1]
+                    valid = mask[:, :, None]
+                    ge = key >= thr32[:, None, :]  # [R, BV, N]
+                    count_ge += tl.sum((ge & valid).to(tl.int32), axis=1)
+                    min_ge = tl.minimum(min_ge, tl.min(tl.where(ge & valid, key, 2147483647), axis=1))
+                    max_lt = tl.maximum(max_lt, tl.max(tl.where(~ge & valid, key, -2147483648), axis=1))
+                ok = (count_ge >= k_eff[:, None]) & ~last  # true at thr = lo, false at thr = hi
+                new_lo = tl.max(tl.where(ok, min_ge, -2147483648), axis=1).to(tl.int64)
+                new_hi = tl.min(tl.where(ok, 2147483647, max_lt), axis=1).to(tl.int64) + 1
+                lo = tl.where(has_topk, new_lo, lo)
+                hi = tl.where(has_topk, new_hi, hi)
         kth_key = tl.where(has_topk, lo, -(2**31)).to(tl.int32)
 
         # Top-p over the tokens min-p and top-k kept, renormalised: the cut is the smallest key t
         # with mass(key > t) < p * mass(kept); every token >= the cut is kept.
-        # Invariant: mass(key > lo) >= p * total and mass(key > hi) < p * total.
+        # Invariant: hi is a kept key, mass(key > lo) >= p * total > mass(key > hi).
         lo = tl.where(has_topp, _float_key(x_min).to(tl.int64) - 1, 0)
         hi = tl.where(has_topp, _float_key(x_max).to(tl.int64), 1)
         if tl.max(has_topp.to(tl.int32), axis=0) > 0:
@@ -209,22 +223,30 @@ if triton is not None:
                 kept = mask & (e >= min_p[:, None]) & (_float_key(x) >= kth_key[:, None])
                 total += tl.sum(tl.where(kept, e, 0.0), axis=1)
             target = top_p * total
+            first = (split == 0)[None, :]
             while tl.max(hi - lo, axis=0) > 1:
-                thr = lo[:, None] + ((hi - lo)[:, None] * split[None, :]) // NSPLIT
+                thr = lo[:, None] + ((hi - lo)[:, None] * split[None, :]) // (NSPLIT - 1)
                 thr32 = thr.to(tl.int32)
                 mass_gt = tl.zeros([ROWS, NSPLIT], tl.float32)
+                min_gt = tl.full([ROWS, NSPLIT], 2147483647, tl.int32)  # smallest kept key > thr
+                max_le = tl.full([ROWS, NSPLIT], -2147483648, tl.int32)  # largest kept key <= thr
                 for start in range(0, vocab, BLOCK_V):
                     idx = start + cols
                     mask = has_topp[:, None] & (idx < vocab)[None, :]
                     x = tl.load(work_ptr + rows64[:, None] * vocab + idx[None, :], mask=mask, other=float("-inf"))
                     e = tl.exp(x - x_max[:, None])
                     key = _float_key(x)
-                    kept = mask & (e >= min_p[:, None]) & (key >= kth_key[:, None])
-                    gt = (key[:, :, None] > thr32[:, None, :]) & kept[:, :, None]  # [R, BV, N]
-                    mass_gt += tl.sum(tl.where(gt, e[:, :, None], 0.0), axis=1)
-                below = (mass_gt < target[:, None]) & has_topp[:, None]
-                lo = tl.max(tl.where(below, lo[:, None], thr), axis=1)
-                hi = tl.min(tl.where(below, thr, hi[:, None]), axis=1)
+                    kept = (mask & (e >= min_p[:, None]) & (key >= kth_key[:, None]))[:, :, None]
+                    key = key[:, :, None]
+                    gt = key > thr32[:, None, :]  # [R, BV, N]
+                    mass_gt += tl.sum(tl.where(gt & kept, e[:, :, None], 0.0), axis=1)
+                    min_gt = tl.minimum(min_gt, tl.min(tl.where(gt & kept, key, 2147483647), axis=1))
+                    max_le = tl.maximum(max_le, tl.max(tl.where(~gt & kept, key, -2147483648), axis=1))
+                below = ((mass_gt < target[:, None]) & ~first) | last  # false at thr = lo, true at thr = hi
+                new_lo = tl.max(tl.where(below, -2147483648, min_gt), axis=1).to(tl.int64) - 1
+                new_hi = tl.min(tl.where(below, max_le, 2147483647), axis=1).to(tl.int64)
+                lo = tl.where(has_topp, new_lo, lo)
+                hi = tl.where(has_topp, new_hi, hi)
         cut_key = tl.where(has_topp, hi, -(2**31)).to(tl.int32)
 
         # Gumbel-max over the kept tokens of filtered rows.
@@ -265,13 +287,15 @@ class SamplingConfig:
 CUDA_SAMPLING_CONFIG = SamplingConfig(rows=1, block_v=1024, nsplit=8, num_warps=8)
 
 
-def sampling_config(vocab: int, device: torch.device) -> SamplingConfig:
-    """The launch config for `vocab` on `device`: fixed on CUDA; wide row blocks in the CPU interpreter,
-    whose cost is per operation rather than per element."""
+def sampling_config(batch: int, vocab: int, device: torch.device) -> SamplingConfig:
+    """The launch config on `device`: fixed on CUDA; in the CPU interpreter, whose cost is per operation
+    rather than per element, as many rows per program as keep a search step's [rows, block_v, nsplit]
+    tile near 2**20 elements."""
     if device.type == "cuda":
         return CUDA_SAMPLING_CONFIG
-    block_v = min(1024, triton.next_power_of_2(vocab))
-    return SamplingConfig(rows=max(1, min(4096, 262144 // block_v)), block_v=block_v, nsplit=4, num_warps=1)
+    block_v, nsplit = min(1024, triton.next_power_of_2(vocab)), 8
+    rows = min(triton.next_power_of_2(batch), (1 << 20) // (block_v * nsplit), 4096)  # Triton's numel cap
+    return SamplingConfig(rows=rows, block_v=block_v, nsplit=nsplit, num_warps=1)
 
 
 def sample_triton(
@@ -300,7 +324,7 @@ def _launch_sample(
     if logits.dtype == torch.bfloat16 and not logits.is_cuda:
         logits = logits.float()  # the interpreter cannot do bf16 arithmetic
     device = logits.device
-    config = config or sampling_config(vocab, device)
+    config = config or sampling_config(batch, vocab, device)
     tokens = torch.empty(batch, dtype=torch.int64, device=device)
     logprobs = torch.empty(batch, dtype=torch.float32, device=device)
     work = torch.empty(batch, vocab, dtype=torch.float32, device=device)
@@ -308,8 +332,9 @@ def _launch_sample(
         counts = meta.output_counts.to(torch.int32).contiguous()
         prompt = meta.prompt_mask if meta.prompt_mask is not None else torch.zeros_like(counts, dtype=torch.bool)
         prompt = prompt.contiguous().view(torch.uint8)
-    else:
-        counts, prompt = work, work  # never read
+    else:  # never read; typed as the real ones so that both cases share one compiled kernel
+        counts = torch.empty(0, dtype=torch.int32, device=device)
+        prompt = torch.empty(0, dtype=torch.uint8, device=device)
     if batch == 0:
         return tokens, (logprobs if meta.want_logprobs else None), work
     f32 = torch.float32
