@@ -125,38 +125,57 @@ def resolve_source(source: str, settings: Settings) -> Path:
     return Path(source).expanduser()
 
 
-def download_s3_prefix(url: str, cache_root: Path, endpoint_url: str | None) -> Path:
-    """Copies every object under s3://bucket/prefix to cache_root/bucket/prefix (skipping ones already there)."""
-    import boto3  # control-plane dependency; only S3-hosted models need it here
-
+def download_s3_prefix(url: str, cache_root: Path, endpoint_url: str | None, client: Any = None) -> Path:
+    """Local copy of s3://bucket/prefix under cache_root/bucket/prefix; objects already there (same size) are
+    kept. A prefix naming one object (a .gguf) gives that file, otherwise the directory of its objects."""
     bucket, _, prefix = url.removeprefix("s3://").partition("/")
+    prefix = prefix.rstrip("/")
+    if not bucket or not prefix:
+        raise ModelLoadError(url, "an S3 model source must be s3://bucket/prefix")
+    if client is None:
+        import boto3  # control-plane dependency; only S3-hosted models need it here
+        from botocore.config import Config
+
+        session = boto3.session.Session()
+        client = session.client("s3", endpoint_url=endpoint_url, region_name=session.region_name or "us-east-1",
+                                config=Config(s3={"addressing_style": "path"}))
     target = cache_root / bucket / prefix
-    client = boto3.client("s3", endpoint_url=endpoint_url)
-    found = False
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        for obj in page.get("Contents", []):
-            found = True
-            relative = obj["Key"][len(prefix):].lstrip("/")
-            local = target / relative if relative else target / Path(obj["Key"]).name
+    objects = []
+    try:
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            for obj in page.get("Contents", []):
+                key = obj["Key"]
+                if key == prefix:  # the prefix is one object
+                    objects.append((obj, target))
+                elif key[len(prefix)] == "/" and not key.endswith("/"):  # not s3://b/models/tiny2 for .../tiny
+                    objects.append((obj, target / key[len(prefix) + 1:]))
+        if not objects:
+            raise ModelLoadError(url, "no objects under this S3 prefix")
+        for obj, local in objects:
             if local.exists() and local.stat().st_size == obj["Size"]:
                 continue
             local.parent.mkdir(parents=True, exist_ok=True)
             partial = local.with_name(local.name + ".partial")
             client.download_file(bucket, obj["Key"], str(partial))
-            partial.replace(local)
-    if not found:
-        raise ModelLoadError(url, "no objects under this S3 prefix")
-    # A prefix naming one .gguf object resolves to that file.
-    return target if target.is_dir() else target
+            partial.replace(local)  # atomic: a crashed download never looks complete
+    except ModelLoadError:
+        raise
+    except Exception as e:  # botocore errors: name the source
+        raise ModelLoadError(url, f"cannot download ({type(e).__name__}: {e})") from e
+    return target
 
 
-@lru_cache(maxsize=4)
-def load_model(model_id: str) -> LoadedModel:
-    """The registry's model_id, loaded on GENQ_DEVICE (cuda if available) in GENQ_DTYPE; cached per process."""
-    settings = get_settings()
+def load_registered_model(model_id: str, settings: Settings) -> LoadedModel:
+    """The registry's model_id on settings' device and dtype (uncached; load_model caches it)."""
     spec = get_model(model_id, settings)
     device = resolve_device(settings)
     dtype = resolve_dtype(settings, device)
     path = resolve_source(spec.source, settings)
     log.info("loading model %s from %s on %s (%s)", model_id, path, device, dtype)
     return load_checkpoint(path, device=device, dtype=dtype, model_id=model_id, context_length=spec.context_length)
+
+
+@lru_cache(maxsize=4)
+def load_model(model_id: str) -> LoadedModel:
+    """The registry's model_id, loaded on GENQ_DEVICE (cuda if available) in GENQ_DTYPE; cached per process."""
+    return load_registered_model(model_id, get_settings())
