@@ -64,9 +64,7 @@ def plain_meta(batch: int, gen: torch.Generator, **overrides) -> SamplingMetadat
 
 def select_rows(meta: SamplingMetadata, index: torch.Tensor) -> SamplingMetadata:
     """The metadata of rows `index`, in that order."""
-    return SamplingMetadata(
-        **{k: (v[index] if isinstance(v, torch.Tensor) else v) for k, v in vars(meta).items()}
-    )
+    return SamplingMetadata(**{k: (v[index] if isinstance(v, torch.Tensor) else v) for k, v in vars(meta).items()})
 
 
 def reference_filtered(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
@@ -306,9 +304,7 @@ def test_gpu_tokens_match_cpu_reference(dtype):
     logits = (torch.randn(batch, vocab, generator=gen) * 3).to(dtype)
     meta = make_meta(batch, vocab, gen)
     ref, _ = sample_reference(logits, meta)
-    cuda_meta = SamplingMetadata(
-        **{k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in vars(meta).items()}
-    )
+    cuda_meta = SamplingMetadata(**{k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in vars(meta).items()})
     tokens, _ = sample_triton(logits.cuda(), cuda_meta)
     agree = (tokens.cpu() == ref).float().mean().item()
     assert agree >= 0.98, f"only {agree:.3f} of tokens agree"  # GPU exp/log are not bit-exact with torch's

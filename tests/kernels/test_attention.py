@@ -1,0 +1,214 @@
+"""Prefill and decode attention: Triton kernels (interpreter on CPU) against the torch references, targets A1 and A3."""
+
+import pytest
+import torch
+
+import kernels
+from kernels.attention_decode import (
+    CUDA_DECODE_CONFIG,
+    decode_attention_reference,
+    decode_attention_triton,
+)
+from kernels.attention_prefill import (
+    CUDA_PREFILL_CONFIGS,
+    prefill_attention_reference,
+    prefill_attention_triton,
+)
+
+pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+
+DTYPES = [torch.float32, torch.float16]  # bf16 has no arithmetic in the interpreter; see the bf16 tests
+
+
+def paged_cache(gen, batch, max_len, block_size, kv_heads, head_dim, dtype, *, num_blocks=None, fill=False):
+    """Caches [num_blocks, block_size, Hkv, D] and a random block table [B, max_blocks] (no block shared)."""
+    blocks_per_seq = -(-max_len // block_size)
+    num_blocks = num_blocks or batch * blocks_per_seq + 3
+    table = torch.randperm(num_blocks, generator=gen)[: batch * blocks_per_seq].view(batch, blocks_per_seq)
+    make = torch.randn if fill else torch.zeros
+    shape = (num_blocks, block_size, kv_heads, head_dim)
+    k_cache = (make(shape, generator=gen) if fill else make(shape)).to(dtype)
+    v_cache = (make(shape, generator=gen) if fill else make(shape)).to(dtype)
+    return k_cache, v_cache, table.to(torch.int32)
+
+
+def lowp_attention(q, k, v, causal):
+    """Attention computed entirely in q's dtype: the error a plain torch kernel would make (FA's baseline)."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q, k) * q.shape[-1] ** -0.5
+    if causal:
+        mask = torch.ones(q.shape[0], k.shape[0], dtype=torch.bool).tril(k.shape[0] - q.shape[0])
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.einsum("hqk,khd->qhd", torch.softmax(scores, dim=-1), v)
+
+
+def assert_attention_close(out, ref, lowp_err):
+    """A1/A3: err <= 2 * err_torch_lowp + fwd_atol against the fp32 reference, and atol 1.5e-2 / rtol 1e-2."""
+    err = (out.float() - ref.float()).abs()
+    ref_lowp = ref.to(out.dtype)
+    fwd_atol = 2 * ((ref_lowp + 0.3 - 0.3) - ref_lowp).abs().max().item()
+    detail = f"max err {err.max().item():.3g}, mean {err.mean().item():.3g}, torch low-precision max {lowp_err:.3g}"
+    assert err.max().item() <= 2 * lowp_err + fwd_atol + 1e-5, detail
+    torch.testing.assert_close(out.float(), ref.float(), atol=1.5e-2, rtol=1e-2, msg=lambda m: f"{m}\n{detail}")
+
+
+# --- prefill (A1) ------------------------------------------------------------------------------
+
+
+def run_prefill(lengths, q_heads, kv_heads, head_dim, block_size, dtype, *, config=None, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    total = sum(lengths)
+    cu_seqlens = torch.tensor([0, *lengths]).cumsum(0).to(torch.int32)
+    q = torch.randn(total, q_heads, head_dim, generator=gen).to(dtype)
+    k = torch.randn(total, kv_heads, head_dim, generator=gen).to(dtype)
+    v = torch.randn(total, kv_heads, head_dim, generator=gen).to(dtype)
+    k_cache, v_cache, table = paged_cache(gen, len(lengths), max(lengths), block_size, kv_heads, head_dim, dtype)
+    ref_k_cache, ref_v_cache = k_cache.clone(), v_cache.clone()
+    scale = head_dim**-0.5
+    out = prefill_attention_triton(q, k, v, cu_seqlens, k_cache, v_cache, table, scale, config=config)
+    ref = prefill_attention_reference(q, k, v, cu_seqlens, ref_k_cache, ref_v_cache, table, scale)
+    assert torch.equal(k_cache, ref_k_cache) and torch.equal(v_cache, ref_v_cache), "cache writes differ"
+    bounds = cu_seqlens.tolist()
+    lowp_err = 0.0
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        lowp = lowp_attention(q[start:end], k[start:end], v[start:end], causal=True)
+        lowp_err = max(lowp_err, (lowp.float() - ref[start:end].float()).abs().max().item())
+    assert_attention_close(out, ref, lowp_err)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("q_heads,kv_heads", [(2, 2), (3, 1), (8, 2), (8, 1)], ids=lambda x: str(x))
+def test_prefill_matches_reference(q_heads, kv_heads, head_dim, dtype):
+    """Ragged lengths (1, shorter and longer than a tile, not multiples of the page) in one launch; GQA 1/3/4/8."""
+    run_prefill([37, 1, 70, 16], q_heads, kv_heads, head_dim, block_size=16, dtype=dtype)
+
+
+def test_prefill_odd_page_size_and_single_sequence():
+    run_prefill([45], 4, 2, 64, block_size=7, dtype=torch.float32, seed=1)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_prefill_cuda_tile_shape_in_interpreter(head_dim):
+    """The launcher's CUDA tile shape (BLOCK_M 128, BLOCK_N 64) over sequences longer than a tile."""
+    run_prefill([150, 9], 4, 1, head_dim, block_size=16, dtype=torch.float16, config=CUDA_PREFILL_CONFIGS[head_dim])
+
+
+def test_prefill_bf16_is_upcast_in_interpreter():
+    run_prefill([20, 33], 4, 2, 64, block_size=16, dtype=torch.bfloat16)
+
+
+# --- decode (A3) -------------------------------------------------------------------------------
+
+
+def run_decode(lengths, q_heads, kv_heads, head_dim, block_size, dtype, *, num_splits, config=None, num_blocks=None):
+    gen = torch.Generator().manual_seed(sum(lengths) + q_heads)
+    batch = len(lengths)
+    k_cache, v_cache, table = paged_cache(
+        gen, batch, max(lengths), block_size, kv_heads, head_dim, dtype, num_blocks=num_blocks, fill=True
+    )
+    q = torch.randn(batch, q_heads, head_dim, generator=gen).to(dtype)
+    seq_lens = torch.tensor(lengths, dtype=torch.int32)
+    scale = head_dim**-0.5
+    out = decode_attention_triton(q, k_cache, v_cache, table, seq_lens, scale, num_splits=num_splits, config=config)
+    ref = decode_attention_reference(q, k_cache, v_cache, table, seq_lens, scale)
+    lowp_err = 0.0
+    for b, length in enumerate(lengths):
+        positions = torch.arange(length)
+        blocks, offsets = table[b, positions // block_size].long(), positions % block_size
+        lowp = lowp_attention(q[b : b + 1], k_cache[blocks, offsets], v_cache[blocks, offsets], causal=False)
+        lowp_err = max(lowp_err, (lowp.float() - ref[b : b + 1].float()).abs().max().item())
+    assert_attention_close(out, ref, lowp_err)
+    return out
+
+
+@pytest.mark.parametrize("num_splits", [1, 3], ids=["split_off", "split_on"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("q_heads,kv_heads", [(2, 2), (6, 2), (8, 2), (8, 1)], ids=lambda x: str(x))
+def test_decode_matches_reference(q_heads, kv_heads, head_dim, dtype, num_splits):
+    """seq_len 1 and lengths not a multiple of the page; GQA 1/3/4/8; split-K on and off."""
+    run_decode([1, 50, 77, 16], q_heads, kv_heads, head_dim, block_size=16, dtype=dtype, num_splits=num_splits)
+
+
+def test_decode_split_on_and_off_agree():
+    args = ([300, 5, 129], 8, 2, 64, 16, torch.float32)
+    off = run_decode(*args, num_splits=1)
+    on = run_decode(*args, num_splits=5)  # some splits are empty for the short sequences
+    torch.testing.assert_close(on, off, atol=1e-5, rtol=1e-5)
+
+
+def test_decode_many_blocks_and_odd_page_size():
+    """num_blocks >= 32768 (A3; the kernel widens block ids to int64 before scaling) and a page of 7."""
+    run_decode([40, 3], 4, 1, 64, block_size=7, dtype=torch.float16, num_splits=2, num_blocks=32768)
+
+
+def test_decode_cuda_tile_shape_in_interpreter():
+    run_decode([200, 70], 8, 2, 128, 16, torch.float16, num_splits=None, config=CUDA_DECODE_CONFIG)
+
+
+def test_decode_group_wider_than_tile():
+    """32 query heads per KV head: the launcher widens BLOCK_H."""
+    run_decode([20, 9], 32, 1, 64, 16, torch.float32, num_splits=2)
+
+
+def test_decode_bf16_is_upcast_in_interpreter():
+    run_decode([20, 33], 4, 2, 64, 16, torch.bfloat16, num_splits=2)
+
+
+# --- dispatch ----------------------------------------------------------------------------------
+
+
+def test_dispatch_runs_triton_on_cpu_only_when_asked(monkeypatch):
+    gen = torch.Generator().manual_seed(11)
+    k_cache, v_cache, table = paged_cache(gen, 2, 20, 16, 2, 64, torch.float32, fill=True)
+    q = torch.randn(2, 4, 64, generator=gen)
+    seq_lens = torch.tensor([20, 7], dtype=torch.int32)
+    calls = []
+    monkeypatch.setattr("kernels.dispatch.decode_attention_triton", lambda *a, **kw: calls.append(1) or "triton")
+    assert kernels.decode_attention(q, k_cache, v_cache, table, seq_lens, 0.125) != "triton"
+    monkeypatch.setenv("GENQ_KERNELS", "interpret")
+    assert kernels.decode_attention(q, k_cache, v_cache, table, seq_lens, 0.125, max_seq_len=20) == "triton"
+    monkeypatch.setenv("GENQ_KERNELS", "reference")
+    assert kernels.decode_attention(q, k_cache, v_cache, table, seq_lens, 0.125) != "triton"
+    assert calls == [1]
+
+
+def test_dispatch_interpret_matches_reference(monkeypatch):
+    monkeypatch.setenv("GENQ_KERNELS", "interpret")
+    gen = torch.Generator().manual_seed(12)
+    lengths = [9, 30]
+    cu_seqlens = torch.tensor([0, *lengths]).cumsum(0).to(torch.int32)
+    q, k, v = (torch.randn(sum(lengths), h, 64, generator=gen) for h in (4, 2, 2))
+    k_cache, v_cache, table = paged_cache(gen, 2, 30, 16, 2, 64, torch.float32)
+    out = kernels.prefill_attention(q, k, v, cu_seqlens, k_cache, v_cache, table, 0.125, max_seqlen=30)
+    ref = prefill_attention_reference(q, k, v, cu_seqlens, k_cache.clone(), v_cache.clone(), table, 0.125)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    seq_lens = torch.tensor(lengths, dtype=torch.int32)
+    out = kernels.decode_attention(q[cu_seqlens[1:] - 1], k_cache, v_cache, table, seq_lens, 0.125)
+    ref = decode_attention_reference(q[cu_seqlens[1:] - 1], k_cache, v_cache, table, seq_lens, 0.125)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_gpu_prefill_and_decode_match_reference(dtype):
+    gen = torch.Generator().manual_seed(13)
+    lengths = [300, 1, 1000, 77]
+    cu_seqlens = torch.tensor([0, *lengths]).cumsum(0).to(torch.int32)
+    q = torch.randn(sum(lengths), 32, 128, generator=gen).to(dtype)
+    k, v = (torch.randn(sum(lengths), 8, 128, generator=gen).to(dtype) for _ in range(2))
+    k_cache, v_cache, table = paged_cache(gen, 4, 1000, 16, 8, 128, dtype, num_blocks=40000)
+    cuda = [t.cuda() for t in (q, k, v, cu_seqlens, k_cache, v_cache, table)]
+    out = prefill_attention_triton(*cuda, 128**-0.5)
+    ref = prefill_attention_reference(q, k, v, cu_seqlens, k_cache, v_cache, table, 128**-0.5)
+    torch.testing.assert_close(out.cpu().float(), ref.float(), atol=1.5e-2, rtol=1e-2)
+    assert torch.equal(cuda[4].cpu(), k_cache) and torch.equal(cuda[5].cpu(), v_cache)
+    seq_lens = torch.tensor(lengths, dtype=torch.int32)
+    last = q[cu_seqlens[1:] - 1]
+    ref = decode_attention_reference(last, k_cache, v_cache, table, seq_lens, 128**-0.5)
+    for splits in (1, 8):
+        out = decode_attention_triton(last.cuda(), *cuda[4:], seq_lens.cuda(), 128**-0.5, num_splits=splits)
+        torch.testing.assert_close(out.cpu().float(), ref.float(), atol=1.5e-2, rtol=1e-2)
