@@ -2,8 +2,9 @@
 
 Each kernel file holds the @triton.jit kernels, a typed launcher, and the pure-torch reference that
 is both the CPU path and the test oracle. `sample`, `prefill_attention`, `decode_attention` and
-`write_kv` below pick Triton on CUDA and the reference elsewhere. kernels/ knows nothing of jobs,
-models or tokenizers, and imports only torch (and triton, lazily, on CUDA).
+`write_kv` below pick Triton on CUDA and the reference elsewhere (kernels.dispatch). kernels/ knows
+nothing of jobs, models or tokenizers; it imports torch, and triton only when installed.
+`python -m kernels.aot` compiles every kernel for sm_90/sm_80 without a GPU.
 """
 
 from kernels.dispatch import decode_attention, prefill_attention, sample, write_kv
