@@ -13,6 +13,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -362,6 +364,24 @@ def _client() -> Any:
     return OpenAI(base_url=settings.client_base_url(), api_key=key)
 
 
+@contextmanager
+def _api_errors() -> Iterator[None]:
+    """Turns SDK errors into one line and exit status 1 (2 for a rejected input file)."""
+    import openai
+
+    try:
+        yield
+    except openai.BadRequestError as exc:
+        console.print(f"[red]{exc.message}[/]")
+        raise typer.Exit(EXIT_INVALID_INPUT) from None
+    except openai.APIStatusError as exc:
+        console.print(f"[red]{exc.status_code}: {exc.message}[/]")
+        raise typer.Exit(EXIT_SYSTEM_FAILURE) from None
+    except openai.APIConnectionError as exc:
+        console.print(f"[red]cannot reach {get_settings().client_base_url()}: {exc}[/]")
+        raise typer.Exit(EXIT_SYSTEM_FAILURE) from None
+
+
 def _counts(batch: Any) -> tuple[int, int, int]:
     counts = batch.request_counts
     return (counts.total, counts.completed, counts.failed) if counts else (0, 0, 0)
@@ -398,8 +418,6 @@ def submit(
     wait: Annotated[bool, typer.Option(help="Show progress until the batch finishes.")] = False,
 ) -> None:
     """Upload a batch file to the API [GENQ_API_BASE] and create the batch; prints its id."""
-    import openai
-
     if endpoint is None:
         with file.open("rb") as f:
             first = next((raw for raw in f if raw.strip()), b"{}")
@@ -408,17 +426,14 @@ def submit(
         except ValueError:
             endpoint = "/v1/chat/completions"
     client = _client()
-    try:
+    with _api_errors():
         with file.open("rb") as f:
             uploaded = client.files.create(file=f, purpose="batch")
         batch = client.batches.create(input_file_id=uploaded.id, endpoint=endpoint,
                                       completion_window=completion_window)
-    except openai.BadRequestError as exc:
-        console.print(f"[red]{exc.message}[/]")
-        raise typer.Exit(EXIT_INVALID_INPUT) from None
-    print(batch.id)
-    if wait:
-        _summary(_watch(client, batch.id))
+        print(batch.id, flush=True)
+        if wait:
+            _summary(_watch(client, batch.id))
 
 
 @app.command()
@@ -426,8 +441,16 @@ def status(batch_id: Annotated[str | None, typer.Argument(help="A batch id; none
            watch: Annotated[bool, typer.Option(help="Follow a batch until it finishes.")] = True) -> None:
     """Show a batch's progress live (or list recent batches)."""
     client = _client()
+    with _api_errors():
+        _status(client, batch_id, watch)
+
+
+def _status(client: Any, batch_id: str | None, watch: bool) -> None:
     if batch_id is None:
-        table = Table("id", "status", "done", "failed", "total", "created")
+        table = Table()
+        table.add_column("id", no_wrap=True)
+        for name in ("status", "done", "failed", "total", "created"):
+            table.add_column(name)
         for batch in client.batches.list(limit=20).data:
             total, completed, failed = _counts(batch)
             table.add_row(batch.id, batch.status, str(completed), str(failed), str(total),
@@ -444,6 +467,11 @@ def results(batch_id: Annotated[str, typer.Argument(help="A finished batch.")],
                                                         "errors go to *.errors.jsonl next to it.")] = None) -> None:
     """Download a batch's output (and error) file."""
     client = _client()
+    with _api_errors():
+        _results(client, batch_id, output)
+
+
+def _results(client: Any, batch_id: str, output: Path | None) -> None:
     batch = client.batches.retrieve(batch_id)
     if batch.status not in FINAL_STATUSES:
         console.print(f"batch {batch_id} is {batch.status}; results come when it finishes (`genq status {batch_id}`)")

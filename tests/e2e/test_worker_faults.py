@@ -123,3 +123,40 @@ def test_kill_9_mid_shard_resumes_on_another_worker(fault_stack, tmp_path):
     output = [json.loads(x) for x in client.files.content(batch.output_file_id).read().splitlines()]
     assert sorted(line["custom_id"] for line in output) == sorted(line["custom_id"] for line in lines)
     assert batch.request_counts.completed == 20 and batch.request_counts.failed == 0
+
+
+def test_cli_clients_against_the_api(fault_stack, tmp_path):
+    """`genq keys create`, `submit --wait`, `status`, `results` and `keys revoke` as a user runs them."""
+    import subprocess
+
+    from tests.e2e.conftest import REPO
+
+    stack = fault_stack
+    worker = start(genq("worker", "--models", TINY, "-c", "1", "-n", "cli@%h"), stack.env, stack.logs / "worker3.log")
+    stack.processes.append(worker)
+
+    def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run(genq(*args), cwd=REPO, env=env or stack.env, capture_output=True, text=True, timeout=300)
+
+    created = cli("keys", "create", "--tenant", "cli-user")
+    assert created.returncode == 0, created.stderr
+    secret = created.stdout.strip().splitlines()[-1]
+    env = {**stack.env, "GENQ_API_BASE": stack.base_url, "GENQ_API_KEY": secret}
+    lines = [{"custom_id": f"c{i}", "method": "POST", "url": "/v1/chat/completions",
+              "body": {"model": TINY, "messages": [{"role": "user", "content": f"hi {i}"}], "max_tokens": 5}}
+             for i in range(4)]
+    submitted = cli("submit", str(write_jsonl(tmp_path / "in.jsonl", lines)), "--wait", env=env)
+    assert submitted.returncode == 0, submitted.stderr + stack.log_tail()
+    batch_id = submitted.stdout.strip().splitlines()[0]
+    assert batch_id.startswith("batch_") and "completed" in submitted.stderr
+    status = cli("status", batch_id, "--no-watch", env=env)
+    assert status.returncode == 0 and "completed; 4 succeeded, 0 failed of 4" in status.stderr.replace("\n", " ")
+    out = tmp_path / "got" / "res.output.jsonl"
+    fetched = cli("results", batch_id, "-o", str(out), env=env)
+    assert fetched.returncode == 0, fetched.stderr
+    assert sorted(json.loads(x)["custom_id"] for x in out.read_text().splitlines()) == ["c0", "c1", "c2", "c3"]
+    listed = cli("status", env=env)
+    assert listed.returncode == 0 and batch_id in listed.stdout
+    key_id = created.stderr.split()[1]
+    assert cli("keys", "revoke", key_id).returncode == 0
+    assert cli("status", batch_id, "--no-watch", env=env).returncode != 0
