@@ -83,9 +83,15 @@ def default_model_loader(model_id: str) -> Any:
     return load_model(model_id)
 
 
+class ResultWriteError(RuntimeError):
+    """Storing a result failed (database down): the shard is retried, no request is blamed."""
+
+
 def _is_systemic(exc: BaseException) -> bool:
-    # Out of memory (host or device) is about the worker, not the request: retry the shard elsewhere.
-    return isinstance(exc, MemoryError) or type(exc).__name__ in ("OutOfMemoryError", "OutOfBlocksError")
+    # Out of memory (host or device) and a failing database are about the worker, not the request:
+    # retry the shard elsewhere instead of looking for a poison request.
+    return isinstance(exc, MemoryError | ResultWriteError) or type(exc).__name__ in ("OutOfMemoryError",
+                                                                                     "OutOfBlocksError")
 
 
 class Heartbeat(threading.Thread):
@@ -148,9 +154,12 @@ class _ResultWriter:
     def _store(self, row: ResultRow) -> None:
         if self.heartbeat.lease_lost.is_set() or row.custom_id not in self.job.pending:
             return
-        with session_scope(self.url) as session:
-            stored = record_result(session=session, batch_id=self.job.batch_id, shard_id=self.job.shard_id,
-                                   attempt=self.job.attempt, worker_id=self.worker_id, result=row)
+        try:
+            with session_scope(self.url) as session:
+                stored = record_result(session=session, batch_id=self.job.batch_id, shard_id=self.job.shard_id,
+                                       attempt=self.job.attempt, worker_id=self.worker_id, result=row)
+        except Exception as exc:
+            raise ResultWriteError(f"could not store the result of {row.custom_id!r}: {exc}") from exc
         if not stored:
             self.heartbeat.lease_lost.set()
             return
@@ -184,9 +193,10 @@ class _ResultWriter:
 def _as_request_error(error: Any) -> RequestError:
     if isinstance(error, RequestError):
         return error
-    if type(error).__name__ == "ContextLengthError":
-        return RequestError(str(error), "context_length_exceeded", "messages")
-    return RequestError(str(error), "invalid_request", None)
+    message = str(error)
+    if type(error).__name__ == "ContextLengthError" or "context length" in message:
+        return RequestError(message, "context_length_exceeded", "messages")
+    return RequestError(message, "invalid_request", None)
 
 
 def _load_job(settings: Settings, shard_id: int, worker_id: str) -> tuple[_ShardJob | None, str | None]:

@@ -210,3 +210,21 @@ def test_concurrent_finalizers_finalize_once(settings, make_batch, fake_model, m
     assert batch.status == BatchStatus.COMPLETED
     # Nothing ran, so the done shards' requests are reported, not silently dropped.
     assert len(_file_lines(settings, batch.error_file_id)) == 4
+
+
+def test_database_failure_releases_the_shard_without_blaming_requests(settings, make_batch, fake_model, monkeypatch):
+    from sqlalchemy.exc import OperationalError
+
+    made = make_batch([chat_line(f"r{i}", f"hello {i}") for i in range(4)])
+
+    def down(**_kwargs):
+        raise OperationalError("INSERT", {}, Exception("connection refused"))
+
+    monkeypatch.setattr("workers.shard_runner.record_result", down)
+    outcome = _run(settings, made.shard_ids[0], fake_model)
+    assert outcome.status == "released" and "could not store" in outcome.error
+    assert fake_model.calls == 1  # no one-by-one hunt for a poison request
+    assert _results(settings, made.batch_id) == []
+    monkeypatch.undo()
+    assert _run(settings, made.shard_ids[0], fake_model).status == "done"
+    assert len(_results(settings, made.batch_id)) == 4
