@@ -241,6 +241,21 @@ def test_kept_set_with_per_row_parameters_and_cuda_config():
         assert_same_filtered(filtered_logits_triton(logits, meta, config=config), reference_filtered(logits, meta))
 
 
+def test_minus_inf_logits_padding_vocab_are_handled_like_the_reference():
+    """-inf logits (padded or banned tokens), including a row with fewer finite tokens than top-k."""
+    gen = torch.Generator().manual_seed(10)
+    batch, vocab = 6, 300
+    logits = torch.round(torch.randn(batch, vocab, generator=gen) * 4) / 4
+    logits[:, 250:] = float("-inf")
+    logits[0, 5:] = float("-inf")
+    meta = plain_meta(batch, gen, top_k=torch.full((batch,), 20, dtype=torch.int32))
+    meta.top_p, meta.min_p = torch.full((batch,), 0.999), torch.full((batch,), 0.001)
+    assert_same_filtered(filtered_logits_triton(logits, meta), reference_filtered(logits, meta))
+    tokens, _ = sample_triton(logits, meta)
+    assert torch.equal(tokens, sample_reference(logits, meta)[0])
+    assert bool((logits.gather(1, tokens[:, None]) > float("-inf")).all())
+
+
 # --- S5: penalties -----------------------------------------------------------------------------
 
 
