@@ -171,7 +171,7 @@ def prefill_attention_triton(
         raise RuntimeError("prefill_attention_triton needs triton")
     total, q_heads, head_dim = q.shape
     kv_heads = k.shape[1]
-    if q_heads % kv_heads or head_dim not in (16, 32, 64, 128, 256):
+    if q_heads % kv_heads or head_dim not in (16, 32, 64, 128, 256) or (q.is_cuda and head_dim not in (64, 128)):
         raise ValueError(f"unsupported heads/head_dim: {q_heads=} {kv_heads=} {head_dim=}")
     if k_cache.shape[2:] != (kv_heads, head_dim) or k_cache.stride() != v_cache.stride():
         raise ValueError("k_cache/v_cache must be [num_blocks, block_size, kv_heads, D] with equal strides")

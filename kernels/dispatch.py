@@ -17,6 +17,9 @@ from kernels.attention_prefill import prefill_attention_reference, prefill_atten
 from kernels.sampling import SamplingMetadata, sample_reference, sample_triton
 from kernels.sampling import triton as _triton
 
+# Head dims the attention kernels are built and compiled ahead of time for; others run the reference.
+TRITON_HEAD_DIMS = (64, 128)
+
 
 def use_triton(t: torch.Tensor) -> bool:
     """Triton on CUDA tensors (and on CPU under GENQ_KERNELS=interpret), unless GENQ_KERNELS=reference."""
@@ -40,7 +43,7 @@ def prefill_attention(
 
     max_seqlen (longest sequence in the packing), when given, saves the Triton path a device sync.
     """
-    if use_triton(q):
+    if use_triton(q) and q.shape[-1] in TRITON_HEAD_DIMS:
         return prefill_attention_triton(
             q, k, v, cu_seqlens, k_cache, v_cache, block_tables, sm_scale, max_seqlen=max_seqlen
         )
@@ -54,7 +57,7 @@ def decode_attention(
 
     max_seq_len (largest seq_lens entry), when given, saves the Triton path a device sync.
     """
-    if use_triton(q):
+    if use_triton(q) and q.shape[-1] in TRITON_HEAD_DIMS:
         return decode_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, sm_scale, max_seq_len=max_seq_len)
     return decode_attention_reference(q, k_cache, v_cache, block_tables, seq_lens, sm_scale)
 

@@ -7,8 +7,9 @@ lowest index. Logprobs, when asked for, are the raw model log-softmax of the cho
 
 Every filter keeps an upper set of the row's values, so the kept set is {x >= threshold}. The
 Triton kernel finds each threshold without sorting: a k-ary search over the order-preserving int32
-keys of the float values, each step one reduction over the row, ends on an exact row value (ties at
-the boundary are kept, as in the sort-based reference). One launch per step; one program handles
+keys of the float values, each step one pass over the row that also snaps the bounds onto row
+values, ends on an exact row value after a few passes (ties at the boundary are kept, as in the
+sort-based reference). One launch per step; one program handles
 ROWS rows and loops over the vocabulary in BLOCK_V tiles.
 
 File order: the Triton kernel, its launcher `sample_triton`, then `sample_reference`, which is both
