@@ -28,7 +28,7 @@ def test_load_model_is_cached_and_sized(bundled_lm):
 
 def test_answers_a_real_chat_prompt_greedy_and_deterministic(bundled_lm):
     ids = bundled_lm.render_chat(BOTTLE)
-    request = GenerationRequest("bottle", ids, SamplingParams(temperature=0, max_tokens=40))
+    request = GenerationRequest("bottle", ids, SamplingParams(temperature=0, max_tokens=32))
     first = bundled_lm.generate([request, request])  # the same request twice in one batch
     assert first[0].token_ids == first[1].token_ids
     text = first[0].text
@@ -46,7 +46,7 @@ def test_short_answer_stops_on_eos(bundled_lm):
 def test_seed_same_alone_and_in_batch_of_16(bundled_lm):
     chats = ["Describe a cotton t-shirt.", "Name a fruit.", "Write a haiku about rain.", "What is tea?"]
     prompts = [bundled_lm.render_chat([{"role": "user", "content": c}]) for c in chats]
-    probe_params = SamplingParams(temperature=0.8, top_p=0.9, max_tokens=16, seed=42)
+    probe_params = SamplingParams(temperature=0.8, top_p=0.9, max_tokens=12, seed=42)
     probe = GenerationRequest("probe", prompts[0], probe_params)
     [alone] = bundled_lm.generate([probe])
     mixed = []
@@ -54,7 +54,7 @@ def test_seed_same_alone_and_in_batch_of_16(bundled_lm):
         params = SamplingParams(
             temperature=[0.0, 0.7, 1.0, 1.3][i % 4], top_p=[1.0, 0.9, 0.5][i % 3], top_k=[0, 20][i % 2],
             min_p=0.05 * (i % 2), presence_penalty=0.5 * (i % 3 == 1), frequency_penalty=0.3 * (i % 5 == 2),
-            repetition_penalty=1.2 if i % 4 == 3 else 1.0, seed=i, max_tokens=4 + i, logprobs=i % 2 == 0,
+            repetition_penalty=1.2 if i % 4 == 3 else 1.0, seed=i, max_tokens=2 + i % 12, logprobs=i % 2 == 0,
             stop=["."] if i % 6 == 5 else [],
         )
         mixed.append(GenerationRequest(f"m{i}", prompts[i % 4], params))
@@ -64,7 +64,7 @@ def test_seed_same_alone_and_in_batch_of_16(bundled_lm):
     assert results[7].token_ids == alone.token_ids
     again = bundled_lm.generate([GenerationRequest("probe", prompts[0], probe_params)])
     assert again[0].token_ids == alone.token_ids
-    other = SamplingParams(temperature=0.8, top_p=0.9, max_tokens=16, seed=43)
+    other = SamplingParams(temperature=0.8, top_p=0.9, max_tokens=12, seed=43)
     [different] = bundled_lm.generate([GenerationRequest("probe", prompts[0], other)])
     assert different.token_ids != alone.token_ids
 
