@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -208,16 +208,34 @@ def requeue_expired_leases(*, session: Session, max_attempts: int, limit: int = 
     return redispatch, failed_batches
 
 
-def stale_queued_shards(*, session: Session, older_than_seconds: float, limit: int = 500) -> list[Redispatch]:
-    """Queued shards untouched for older_than_seconds (their message may be lost); touched, so that
-    one reaper re-sends each per period."""
+def queued_shard_counts(*, session: Session, older_than_seconds: float) -> dict[str, tuple[int, int]]:
+    """{queue: (queued shards, of which untouched for older_than_seconds)} for queues with stale shards."""
+    cutoff = _now() - older_than_seconds
+    rows = session.execute(
+        select(Shard.queue, func.count(), func.count().filter(Shard.updated_at < cutoff))
+        .where(Shard.status == ShardStatus.QUEUED).group_by(Shard.queue)
+    ).all()
+    return {queue: (int(total), int(stale)) for queue, total, stale in rows if stale}
+
+
+def stale_queued_shards(*, session: Session, older_than_seconds: float, allowance: dict[str, int] | None = None,
+                        limit: int = 500) -> list[Redispatch]:
+    """Queued shards untouched for older_than_seconds whose message may be lost, oldest first; each is
+    touched, so one reaper re-sends it once per period. allowance caps how many per queue (how many
+    messages the broker is missing)."""
     now = _now()
     rows = session.execute(
         select(Shard.id, Shard.queue, Shard.batch_id, Shard.updated_at)
-        .where(Shard.status == ShardStatus.QUEUED, Shard.updated_at < now - older_than_seconds).limit(limit)
+        .where(Shard.status == ShardStatus.QUEUED, Shard.updated_at < now - older_than_seconds)
+        .order_by(Shard.updated_at).limit(limit)
     ).all()
+    left = dict(allowance) if allowance is not None else None
     out = []
     for shard_id, queue, batch_id, updated_at in rows:
+        if left is not None:
+            if left.get(queue, 0) <= 0:
+                continue
+            left[queue] -= 1
         result = session.execute(update(Shard).where(
             Shard.id == shard_id, Shard.status == ShardStatus.QUEUED, Shard.updated_at == updated_at,
         ).values(updated_at=now))

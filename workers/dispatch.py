@@ -8,6 +8,7 @@ never lost, and a duplicate message is harmless because a worker must claim the 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 
 from genq.settings import Settings
 from workers.celery_app import RUN_SHARD_TASK, celery_app_for
@@ -36,3 +37,24 @@ def enqueue_shards(settings: Settings, shards: list[tuple[int, str]]) -> int:
         except Exception as exc:  # kombu raises OperationalError and friends; the reaper recovers
             log.warning("could not publish shard %s to %s (the reaper will retry): %s", shard_id, queue, exc)
     return sent
+
+
+def queue_depths(settings: Settings, queues: Iterable[str]) -> dict[str, int] | None:
+    """Messages waiting in each queue (not those a worker has already taken); None if the broker can't say."""
+    if not settings.broker_url:
+        return None
+    from amqp.exceptions import ChannelError
+
+    depths: dict[str, int] = {}
+    try:
+        with celery_app_for(settings).connection_for_read() as connection:
+            channel = connection.default_channel
+            for queue in queues:
+                try:
+                    depths[queue] = channel.queue_declare(queue=queue, passive=True).message_count
+                except ChannelError:  # never declared: nothing was ever sent there, or it was flushed
+                    depths[queue] = 0
+    except Exception as exc:
+        log.warning("could not read queue depths from the broker: %s", exc)
+        return None
+    return depths

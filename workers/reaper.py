@@ -4,7 +4,8 @@ Each pass (every settings.reaper_interval_seconds, from beat's "genq.reap", `gen
 reaper process `genq worker` starts) does, with conditional UPDATEs only, so any number of reapers
 may run at once:
   1. running shards whose lease expired -> queued and re-sent (or failed past max_attempts);
-  2. queued shards untouched for queued_redispatch_seconds -> re-sent (their message was lost);
+  2. queued shards untouched for queued_redispatch_seconds -> re-sent, as many per queue as the
+     broker is missing messages for (lost in a Redis flush or never published);
   3. batches past expires_at -> marked expired (running shards stop at their next heartbeat);
   4. batches in_progress/cancelling with no queued or running shard -> finalized;
   5. batches stuck in finalizing for finalizing_stale_seconds -> finalized again.
@@ -18,11 +19,18 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import exists, select, update
 
-from db.leases import ACTIVE_SHARD_STATUSES, cancel_queued_shards, requeue_expired_leases, stale_queued_shards
+from db.leases import (
+    ACTIVE_SHARD_STATUSES,
+    Redispatch,
+    cancel_queued_shards,
+    queued_shard_counts,
+    requeue_expired_leases,
+    stale_queued_shards,
+)
 from db.models import Batch, BatchStatus, Shard
 from db.session import session_scope
 from genq.settings import Settings
-from workers.dispatch import enqueue_shards
+from workers.dispatch import enqueue_shards, queue_depths
 from workers.finalize import maybe_finalize, refinalize_stale
 
 log = logging.getLogger(__name__)
@@ -44,8 +52,7 @@ def reap(settings: Settings) -> ReapReport:
     report = ReapReport()
     with session_scope(url) as session:
         redispatch, failed_batches = requeue_expired_leases(session=session, max_attempts=settings.max_attempts)
-    with session_scope(url) as session:
-        redispatch += stale_queued_shards(session=session, older_than_seconds=settings.queued_redispatch_seconds)
+    redispatch += _lost_messages(settings)
     report.failed_shards = len(failed_batches)
     if redispatch:
         enqueue_shards(settings, [(r.shard_id, r.queue) for r in redispatch])
@@ -82,14 +89,20 @@ def reap(settings: Settings) -> ReapReport:
     return report
 
 
-def run_forever(settings: Settings, stop_after: float | None = None) -> None:
-    """Reaps every settings.reaper_interval_seconds until killed (or for stop_after seconds)."""
-    started = time.monotonic()
-    while stop_after is None or time.monotonic() - started < stop_after:
-        try:
-            report = reap(settings)
-            if report.redispatched or report.expired_batches or report.finalized_batches or report.failed_shards:
-                log.info("reaper: %s", report)
-        except Exception:
-            log.exception("reaper pass failed; retrying next interval")
-        time.sleep(settings.reaper_interval_seconds)
+def _lost_messages(settings: Settings) -> list[Redispatch]:
+    """Stale queued shards to send again: per queue, as many as the broker holds fewer messages than
+    there are queued shards (so a long but intact queue is not flooded with duplicates)."""
+    if not settings.broker_url:
+        return []
+    url = settings.resolved_database_url()
+    older = settings.queued_redispatch_seconds
+    with session_scope(url) as session:
+        counts = queued_shard_counts(session=session, older_than_seconds=older)
+    if not counts:
+        return []
+    depths = queue_depths(settings, counts)
+    if depths is None:
+        return []  # the broker is down: a re-send would fail too; next pass
+    allowance = {queue: total - depths.get(queue, 0) for queue, (total, _stale) in counts.items()}
+    with session_scope(url) as session:
+        return stale_queued_shards(session=session, older_than_seconds=older, allowance=allowance)

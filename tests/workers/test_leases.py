@@ -139,13 +139,30 @@ def test_reaper_fails_expired_lease_past_max_attempts(settings, make_batch, monk
     assert _shard(settings, shard_id).status == ShardStatus.FAILED
 
 
-def test_reaper_resends_stale_queued_shards(settings, make_batch, monkeypatch):
-    sent = []
-    monkeypatch.setattr("workers.reaper.enqueue_shards", lambda _settings, shards: sent.extend(shards))
+def test_reaper_resends_queued_shards_whose_message_is_lost(settings, make_batch, redis_url):
+    import redis
+
+    from workers.dispatch import enqueue_shards
+
+    settings = settings.model_copy(update={"broker_url": redis_url})
     made = make_batch([chat_line("r0", "hi")])
     shard_id = made.shard_ids[0]
-    assert reap(settings).redispatched == []
-    with session_scope(settings.database_url) as session:
-        session.execute(update(Shard).where(Shard.id == shard_id).values(updated_at=time.time() - 10_000))
-    assert reap(settings).redispatched == [shard_id]
-    assert reap(settings).redispatched == []  # touched: not re-sent again until another period passes
+    queue = _shard(settings, shard_id).queue
+    broker = redis.Redis.from_url(redis_url)
+    broker.delete(queue)
+
+    def make_stale():
+        with session_scope(settings.database_url) as session:
+            session.execute(update(Shard).where(Shard.id == shard_id).values(updated_at=time.time() - 10_000))
+
+    try:
+        assert reap(settings).redispatched == []  # queued, but not long enough to suspect a lost message
+        enqueue_shards(settings, [(shard_id, queue)])
+        make_stale()
+        assert reap(settings).redispatched == []  # its message is still in the queue: no duplicate
+        broker.delete(queue)  # Redis lost it (flush, failover without AOF)
+        assert reap(settings).redispatched == [shard_id]
+        assert broker.llen(queue) == 1
+        assert reap(settings).redispatched == []  # touched: not re-sent again until another period passes
+    finally:
+        broker.delete(queue)
