@@ -12,6 +12,7 @@ whatever else shares its batch.
 
 from __future__ import annotations
 
+import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ import torch
 
 import kernels
 from workers.runtime.errors import ContextLengthError
-from workers.runtime.kv_cache import DEFAULT_BLOCK_SIZE, KVCache, block_table_tensor
+from workers.runtime.kv_cache import DEFAULT_BLOCK_SIZE, BlockAllocator, KVCache, block_table_tensor
 from workers.runtime.model import ForwardBatch, Transformer
 from workers.runtime.tokenizer import IncrementalDetokenizer, Tokenizer
 from workers.runtime.types import GenerationRequest, GenerationResult
@@ -72,6 +73,7 @@ class Generator:
         self.device, self.dtype = param.device, param.dtype
         self.vocab_size = model.config.vocab_size
         self._cache: KVCache | None = None
+        self._lock = threading.Lock()  # one generate at a time: they share the cache
 
     # -- validation ------------------------------------------------------------------------------
 
@@ -91,9 +93,11 @@ class Generator:
         return -(-(len(request.prompt_token_ids) + request.params.max_tokens) // self.block_size)
 
     def _ensure_cache(self, num_blocks: int) -> KVCache:
+        """The cache, grown to num_blocks if smaller, with every block free (a call that raised leaves none)."""
         if self._cache is None or self._cache.allocator.num_blocks < num_blocks:
             self._cache = None  # free the old pool before allocating the new one
             self._cache = KVCache(self.model.config, num_blocks, self.block_size, self.device, self.dtype)
+        self._cache.allocator = BlockAllocator(self._cache.allocator.num_blocks)
         return self._cache
 
     # -- the loop --------------------------------------------------------------------------------
@@ -109,8 +113,15 @@ class Generator:
         A request that cannot run (prompt + max_tokens beyond the context, empty prompt) gets a
         result with `error` set and no tokens; the others run. `should_stop()` is polled between
         steps: when it returns True, generation ends and unfinished requests get no result.
-        `on_result` is called as each request finishes (errors included).
+        `on_result` is called as each request finishes (errors included). Calls are serialised.
         """
+        with self._lock:
+            return self._generate(requests, on_result, should_stop, max(1, max_batch_size))
+
+    def _generate(
+        self, requests: list[GenerationRequest], on_result: Callable[[GenerationResult], None] | None,
+        should_stop: Callable[[], bool] | None, max_batch_size: int,
+    ) -> list[GenerationResult]:
         results: dict[int, GenerationResult] = {}
 
         def finish(index: int, result: GenerationResult) -> None:

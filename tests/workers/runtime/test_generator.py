@@ -110,3 +110,14 @@ def test_detokenizer_holds_back_partial_characters(tiny_lm):
     assert pieces == ["", "é", "", "", "", "😀"]
     assert tok.decode(ids[:4]) == "é"  # an unfinished character is never emitted
     assert not math.isnan(len(tok.decode(ids)))
+
+
+def test_a_failed_call_leaves_the_generator_usable(tiny_lm):
+    def explode(result):
+        raise RuntimeError("caller's callback failed")
+
+    reqs = [req(str(i), PROMPTS[i], temperature=0, max_tokens=3 + 5 * i) for i in range(3)]
+    with pytest.raises(RuntimeError, match="callback failed"):
+        tiny_lm.generate(reqs, on_result=explode)
+    again = tiny_lm.generate(reqs)
+    assert [r.request_id for r in again] == ["0", "1", "2"] and all(r.error is None for r in again)
