@@ -10,6 +10,7 @@ to nothing, as Hugging Face's decode(skip_special_tokens=True).
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -153,7 +154,11 @@ def tokenizer_from_json(path: Path, vocab_size: int, special: SpecialTokens) -> 
     if spec.get("model", {}).get("type") != "BPE" or (spec.get("decoder") or {}).get("type") != "ByteLevel":
         raise ValueError("only byte-level BPE tokenizers are supported (tokenizer.json model BPE, decoder ByteLevel)")
     backend = BackendTokenizer.from_file(str(path))
-    backend.post_processor = None  # bos is added by Tokenizer.encode, not by the backend
+    # Llama-3-style files add bos in a post-processor: keep that as add_bos, then let encode() do it.
+    probe = backend.encode("a", add_special_tokens=True).ids
+    if special.bos_id is not None and probe[:1] == [special.bos_id]:
+        special = dataclasses.replace(special, add_bos=True)
+    backend.post_processor = None
     token_bytes = [b""] * max(vocab_size, backend.get_vocab_size(with_added_tokens=True))
     for token, i in spec["model"]["vocab"].items():
         token_bytes[i] = _spelled_bytes(token)
