@@ -42,12 +42,12 @@ class LoadedModel:
 
     model_id: str  # registry id
     path: Path  # the local .gguf file or safetensors directory
-    config: ModelConfig
-    model: Transformer
-    tokenizer: Tokenizer
+    config: ModelConfig  # shape of the decoder, from the checkpoint
+    model: Transformer  # weights on the serving device and dtype
+    tokenizer: Tokenizer  # encode / decode / special token ids
     chat_template: str | None  # jinja2 source from the checkpoint
-    context_length: int  # longest prompt + completion a request may ask for
-    generator: Generator
+    context_length: int  # longest prompt + completion a request may ask for (the registry's value)
+    generator: Generator  # owns the paged KV cache; one generate call at a time
 
     def render_chat(self, messages: list[dict[str, Any]], **template_kwargs: Any) -> list[int]:
         """Token ids of messages under the chat template, with the assistant turn opened
