@@ -231,9 +231,11 @@ def decode_attention_reference(
     positions = torch.arange(max_len, device=q.device)
     blocks = block_tables[:, positions // block_size].to(torch.int64)  # [B, L]
     offsets = (positions % block_size).expand(batch, -1)
-    keys = k_cache[blocks, offsets].float().repeat_interleave(group, dim=2)  # [B, L, Hq, D]
-    values = v_cache[blocks, offsets].float().repeat_interleave(group, dim=2)
-    scores = torch.einsum("bhd,blhd->bhl", q.float(), keys) * sm_scale
+    keys = k_cache[blocks, offsets].float()  # [B, L, Hkv, D]
+    values = v_cache[blocks, offsets].float()
+    q_grouped = q.float().view(batch, kv_heads, group, head_dim)  # query heads sharing a KV head
+    scores = torch.einsum("bkgd,blkd->bkgl", q_grouped, keys) * sm_scale
     valid = positions[None, :] < seq_lens[:, None].to(positions.dtype)  # [B, L]
-    scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
-    return torch.einsum("bhl,blhd->bhd", torch.softmax(scores, dim=-1), values).to(q.dtype)
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    out = torch.einsum("bkgl,blkd->bkgd", torch.softmax(scores, dim=-1), values)
+    return out.reshape(batch, q_heads, head_dim).to(q.dtype)

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 try:
     import triton
@@ -248,16 +249,11 @@ def prefill_attention_reference(
 ) -> torch.Tensor:
     """Returns out [T, q_heads, D] (q's dtype); softmax in fp32. Also writes k, v into the cache."""
     write_kv_reference(k, v, k_cache, v_cache, prefill_slot_mapping(cu_seqlens, block_tables, k_cache.shape[1]))
-    group = q.shape[1] // k.shape[1]
     out = torch.empty_like(q)
     bounds = cu_seqlens.tolist()
     for start, end in zip(bounds[:-1], bounds[1:], strict=True):
-        qs = q[start:end].float().transpose(0, 1)  # [Hq, L, D]
-        ks = k[start:end].float().repeat_interleave(group, dim=1).transpose(0, 1)
-        vs = v[start:end].float().repeat_interleave(group, dim=1).transpose(0, 1)
-        scores = (qs @ ks.transpose(1, 2)) * sm_scale  # [Hq, L, L]
-        length = end - start
-        causal = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
-        scores = scores.masked_fill(~causal, float("-inf"))
-        out[start:end] = (torch.softmax(scores, dim=-1) @ vs).transpose(0, 1).to(q.dtype)
+        # [1, H, L, D] per sequence; SDPA's fp32 CPU kernel, GQA without repeating K/V.
+        qs, ks, vs = (t[start:end].float().transpose(0, 1)[None] for t in (q, k, v))
+        attended = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=sm_scale, enable_gqa=True)
+        out[start:end] = attended[0].transpose(0, 1).to(q.dtype)
     return out
