@@ -109,6 +109,24 @@ def kill_group(process: subprocess.Popen, grace: float = 10.0) -> None:
     process.wait(timeout=10)
 
 
+TINY = "tiny-e2e"
+
+
+@pytest.fixture(scope="session")
+def tiny_models_file(tmp_path_factory) -> Path:
+    """A models file naming TINY: a random 2-layer byte-level model (tests/workers/runtime/tiny_checkpoints.py).
+
+    Fast on a CPU; for tests of the machinery (leases, cancel, CLI), not of the text."""
+    from tests.workers.runtime.tiny_checkpoints import random_hf_state, tiny_hf_config, write_hf_dir
+
+    root = tmp_path_factory.mktemp("tiny-model")
+    config = tiny_hf_config(context=1024)
+    model_dir = write_hf_dir(root / "tiny", config, random_hf_state(config))
+    models_file = root / "models.json"
+    models_file.write_text(json.dumps({TINY: {"source": str(model_dir), "context_length": 1024}}))
+    return models_file
+
+
 @pytest.fixture(scope="session")
 def stack(postgres_url, redis_url, s3_server, tmp_path_factory) -> Iterator[Stack]:
     home = tmp_path_factory.mktemp("genq-home")

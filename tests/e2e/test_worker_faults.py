@@ -17,23 +17,15 @@ from sqlalchemy import select
 
 from db.models import File, RequestResult, Shard
 from db.session import session_scope
-from tests.e2e.conftest import API_KEY, Stack, genq, kill_group, start, write_jsonl
+from tests.e2e.conftest import API_KEY, TINY, Stack, genq, kill_group, start, write_jsonl
 from tests.services import free_port
 
 pytestmark = pytest.mark.slow
 
-TINY = "tiny-e2e"
-
 
 @pytest.fixture(scope="module")
-def fault_stack(postgres_url, redis_url, s3_server, tmp_path_factory):
-    from tests.workers.runtime.tiny_checkpoints import random_hf_state, tiny_hf_config, write_hf_dir
-
+def fault_stack(postgres_url, redis_url, s3_server, tiny_models_file, tmp_path_factory):
     root = tmp_path_factory.mktemp("faults")
-    config = tiny_hf_config(context=1024)
-    model_dir = write_hf_dir(root / "tiny", config, random_hf_state(config))
-    models_file = root / "models.json"
-    models_file.write_text(json.dumps({TINY: {"source": str(model_dir), "context_length": 1024}}))
     port = free_port()
     env = {
         **os.environ,
@@ -48,7 +40,7 @@ def fault_stack(postgres_url, redis_url, s3_server, tmp_path_factory):
         "GENQ_BOOTSTRAP_API_KEY": API_KEY,
         "GENQ_HOME": str(root / "home"),
         "GENQ_API_PORT": str(port),
-        "GENQ_MODELS_FILE": str(models_file),
+        "GENQ_MODELS_FILE": str(tiny_models_file),
         "GENQ_DEVICE": "cpu",
         "GENQ_SHARD_SIZE": "20",
         "GENQ_MAX_BATCH_SIZE": "4",  # results land four at a time, so the kill comes mid-shard
