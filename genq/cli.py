@@ -205,10 +205,10 @@ def _errors_path(out: Path) -> Path:
 
 def _copy_input(src: Path, store: Any, key: str, model: str | None) -> tuple[int, str]:
     """Stores the input file (with body.model replaced when model is given); returns (bytes, endpoint)."""
-    import io
+    import tempfile
 
     endpoint = "/v1/chat/completions"
-    out = io.BytesIO()
+    out = tempfile.SpooledTemporaryFile(max_size=8 << 20)  # noqa: SIM115 -- closed below; spills to disk
     first = True
     with src.open("rb") as f:
         for raw in f:
@@ -228,7 +228,8 @@ def _copy_input(src: Path, store: Any, key: str, model: str | None) -> tuple[int
             out.write(raw)
     size = out.tell()
     out.seek(0)
-    store.put_stream(key, out)
+    with out:
+        store.put_stream(key, out)  # type: ignore[arg-type]
     return size, endpoint
 
 
