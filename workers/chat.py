@@ -79,6 +79,13 @@ def _integer(body: dict[str, Any], name: str, lo: int) -> int | None:
     return value
 
 
+def _flag(body: dict[str, Any], name: str) -> bool:
+    value = body.get(name, False)
+    if not isinstance(value, bool):
+        raise RequestError(f"{name} must be a boolean", "invalid_type", name)
+    return value
+
+
 def _message_text(content: Any, index: int) -> str:
     if isinstance(content, str):
         return content
@@ -189,6 +196,7 @@ def build_request(*, endpoint: str, body: Any, batch_id: str, custom_id: str, lm
         stop=_stop(body),
         max_tokens=max_tokens,
         logprobs=bool(logprobs),
+        ignore_eos=_flag(body, "ignore_eos"),  # vLLM's extension: generate exactly max_tokens
     )
     return GenerationRequest(request_id=custom_id, prompt_token_ids=prompt, params=params)
 

@@ -29,11 +29,11 @@ def test_sampling_fields_map_to_params():
                                                 {"role": "user", "content": [{"type": "text", "text": "hi"}]}],
                      "temperature": 0.5, "top_p": 0.9, "top_k": 40, "min_p": 0.05, "presence_penalty": 0.5,
                      "frequency_penalty": -0.5, "repetition_penalty": 1.1, "seed": 7, "stop": "END",
-                     "max_completion_tokens": 12, "logprobs": True})
+                     "max_completion_tokens": 12, "logprobs": True, "ignore_eos": True})
     p = request.params
     assert (p.temperature, p.top_p, p.top_k, p.min_p) == (0.5, 0.9, 40, 0.05)
     assert (p.presence_penalty, p.frequency_penalty, p.repetition_penalty) == (0.5, -0.5, 1.1)
-    assert (p.seed, p.stop, p.max_tokens, p.logprobs) == (7, ["END"], 12, True)
+    assert (p.seed, p.stop, p.max_tokens, p.logprobs, p.ignore_eos) == (7, ["END"], 12, True, True)
     assert request.request_id == "req-1"
     assert bytes(request.prompt_token_ids) == b"<system>be brief\n<user>hi\n<assistant>"
 
