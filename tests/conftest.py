@@ -36,3 +36,31 @@ def s3_server(tmp_path_factory):
     server = services.start_seaweedfs(tmp_path_factory.mktemp("seaweedfs"))
     yield server
     services.stop(server.process)
+
+
+@pytest.fixture
+def session(postgres_url):
+    """A session on the test PostgreSQL database, rolled back at the end."""
+    from db.session import get_sessionmaker
+
+    with get_sessionmaker(postgres_url)() as session:
+        yield session
+        session.rollback()
+
+
+@pytest.fixture
+def tenant(session):
+    """A new tenant, deleted afterwards with everything it owns."""
+    import uuid
+
+    from sqlalchemy import delete
+
+    from db.models import Tenant
+    from db.tenants import create_tenant
+
+    tenant = create_tenant(session=session, name=f"t-{uuid.uuid4().hex[:8]}")
+    session.commit()
+    yield tenant
+    session.rollback()
+    session.execute(delete(Tenant).where(Tenant.id == tenant.id))
+    session.commit()

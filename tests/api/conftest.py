@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import json
-import uuid
 
 import pytest
-from sqlalchemy import delete
 
-from db.models import Tenant
-from db.session import get_sessionmaker
-from db.tenants import create_api_key, create_tenant
+from db.tenants import create_api_key
 from genq.settings import Settings
 from storage.local import LocalStore
 
@@ -28,23 +24,6 @@ def settings(postgres_url, tmp_path) -> Settings:
 @pytest.fixture
 def store(settings) -> LocalStore:
     return LocalStore(settings.storage_url)
-
-
-@pytest.fixture
-def session(postgres_url):
-    with get_sessionmaker(postgres_url)() as session:
-        yield session
-        session.rollback()
-
-
-@pytest.fixture
-def tenant(session):
-    tenant = create_tenant(session=session, name=f"t-{uuid.uuid4().hex[:8]}")
-    session.commit()
-    yield tenant
-    session.rollback()
-    session.execute(delete(Tenant).where(Tenant.id == tenant.id))
-    session.commit()
 
 
 @pytest.fixture

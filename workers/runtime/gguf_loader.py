@@ -7,7 +7,6 @@ an absent output.weight.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ from workers.runtime.checkpoint import Checkpoint
 from workers.runtime.config import SUPPORTED_ARCHITECTURES, ModelConfig, config_from_gguf_metadata
 from workers.runtime.errors import ModelLoadError
 from workers.runtime.tokenizer import SpecialTokens, tokenizer_from_gguf
-from workers.runtime.weights import check_tensors
+from workers.runtime.weights import NameMap, check_tensors
 
 Q = GGMLQuantizationType
 SUPPORTED_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q5_K, Q.Q6_K)
@@ -38,17 +37,12 @@ _BLOCK_NAMES = {
     "attn_output.weight": "attention.wo.weight", "ffn_gate.weight": "feed_forward.w1.weight",
     "ffn_up.weight": "feed_forward.w3.weight", "ffn_down.weight": "feed_forward.w2.weight",
 }
-_BLOCK = re.compile(r"blk\.(\d+)\.(.+)")
+_NAMES = NameMap(_GLOBAL_NAMES, r"blk\.(\d+)\.(.+)", _BLOCK_NAMES)
 
 
 def neutral_name(gguf_name: str) -> str | None:
     """weights.py name of a GGUF tensor, or None for a tensor the decoder has no use for."""
-    if gguf_name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[gguf_name]
-    m = _BLOCK.fullmatch(gguf_name)
-    if m and m.group(2) in _BLOCK_NAMES:
-        return f"layers.{m.group(1)}.{_BLOCK_NAMES[m.group(2)]}"
-    return None
+    return _NAMES.neutral(gguf_name)
 
 
 def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:

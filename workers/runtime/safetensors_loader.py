@@ -7,7 +7,6 @@ layout the decoder uses, so nothing is permuted.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ from workers.runtime.checkpoint import Checkpoint
 from workers.runtime.config import SUPPORTED_ARCHITECTURES, config_from_hf
 from workers.runtime.errors import ModelLoadError
 from workers.runtime.tokenizer import SpecialTokens, tokenizer_from_json
-from workers.runtime.weights import check_tensors
+from workers.runtime.weights import NameMap, check_tensors
 
 _GLOBAL_NAMES = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
                  "lm_head.weight": "output.weight"}
@@ -30,17 +29,12 @@ _LAYER_NAMES = {
     "self_attn.o_proj.weight": "attention.wo.weight", "mlp.gate_proj.weight": "feed_forward.w1.weight",
     "mlp.up_proj.weight": "feed_forward.w3.weight", "mlp.down_proj.weight": "feed_forward.w2.weight",
 }
-_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
+_NAMES = NameMap(_GLOBAL_NAMES, r"model\.layers\.(\d+)\.(.+)", _LAYER_NAMES)
 
 
 def neutral_name(hf_name: str) -> str | None:
     """weights.py name of a transformers parameter, or None for one the decoder has no use for."""
-    if hf_name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[hf_name]
-    m = _LAYER.fullmatch(hf_name)
-    if m and m.group(2) in _LAYER_NAMES:
-        return f"layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
-    return None
+    return _NAMES.neutral(hf_name)
 
 
 def hf_name(neutral: str) -> str:

@@ -20,9 +20,29 @@ per block instead of three (or two). Shapes are nn.Linear's: [out_features, in_f
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 from workers.runtime.config import ModelConfig
+
+
+class NameMap:
+    """A checkpoint format's tensor names -> neutral names: a global table plus a per-layer one."""
+
+    def __init__(self, global_names: dict[str, str], layer_pattern: str, layer_names: dict[str, str]) -> None:
+        self.global_names = global_names
+        self.layer_pattern = re.compile(layer_pattern)  # groups: (layer index, name within the layer)
+        self.layer_names = layer_names
+
+    def neutral(self, name: str) -> str | None:
+        """The neutral name of a checkpoint tensor, or None for one the decoder has no use for."""
+        if name in self.global_names:
+            return self.global_names[name]
+        m = self.layer_pattern.fullmatch(name)
+        if m and m.group(2) in self.layer_names:
+            return f"layers.{m.group(1)}.{self.layer_names[m.group(2)]}"
+        return None
 
 
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
