@@ -126,14 +126,10 @@ def tiny_models_file(tmp_path_factory) -> Path:
     return models_file
 
 
-@pytest.fixture(scope="session")
-def stack(postgres_url, redis_url, s3_server, tmp_path_factory) -> Iterator[Stack]:
-    home = tmp_path_factory.mktemp("genq-home")
-    logs = tmp_path_factory.mktemp("e2e-logs")
-    port = free_port()
-    env = {
+def server_env(postgres_url: str, redis_url: str, s3_server, home: Path, port: int) -> dict[str, str]:
+    """Environment of a server-mode deployment: PostgreSQL, Redis, SeaweedFS, a bootstrap key."""
+    return {
         **os.environ,
-        **STACK_ENV,
         "GENQ_DATABASE_URL": postgres_url,
         "GENQ_BROKER_URL": redis_url,
         "GENQ_STORAGE_URL": f"s3://{s3_server.bucket}/genq",
@@ -145,6 +141,14 @@ def stack(postgres_url, redis_url, s3_server, tmp_path_factory) -> Iterator[Stac
         "GENQ_HOME": str(home),
         "GENQ_API_PORT": str(port),
     }
+
+
+@pytest.fixture(scope="session")
+def stack(postgres_url, redis_url, s3_server, tmp_path_factory) -> Iterator[Stack]:
+    home = tmp_path_factory.mktemp("genq-home")
+    logs = tmp_path_factory.mktemp("e2e-logs")
+    port = free_port()
+    env = {**server_env(postgres_url, redis_url, s3_server, home, port), **STACK_ENV}
     stack = Stack(base_url=f"http://127.0.0.1:{port}/v1", api_key=API_KEY, database_url=postgres_url, env=env,
                   logs=logs)
     try:

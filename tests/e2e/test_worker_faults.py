@@ -17,7 +17,7 @@ from sqlalchemy import select
 
 from db.models import File, RequestResult, Shard
 from db.session import session_scope
-from tests.e2e.conftest import API_KEY, TINY, Stack, genq, kill_group, start, write_jsonl
+from tests.e2e.conftest import API_KEY, TINY, Stack, genq, kill_group, server_env, start, write_jsonl
 from tests.services import free_port
 
 pytestmark = pytest.mark.slow
@@ -28,18 +28,8 @@ def fault_stack(postgres_url, redis_url, s3_server, tiny_models_file, tmp_path_f
     root = tmp_path_factory.mktemp("faults")
     port = free_port()
     env = {
-        **os.environ,
-        "GENQ_DATABASE_URL": postgres_url,
-        "GENQ_BROKER_URL": redis_url,
+        **server_env(postgres_url, redis_url, s3_server, root / "home", port),
         # The same store as the main e2e stack: its reaper may finalize these batches too.
-        "GENQ_STORAGE_URL": f"s3://{s3_server.bucket}/genq",
-        "GENQ_S3_ENDPOINT_URL": s3_server.endpoint_url,
-        "AWS_ACCESS_KEY_ID": s3_server.access_key,
-        "AWS_SECRET_ACCESS_KEY": s3_server.secret_key,
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "GENQ_BOOTSTRAP_API_KEY": API_KEY,
-        "GENQ_HOME": str(root / "home"),
-        "GENQ_API_PORT": str(port),
         "GENQ_MODELS_FILE": str(tiny_models_file),
         "GENQ_DEVICE": "cpu",
         "GENQ_SHARD_SIZE": "20",
