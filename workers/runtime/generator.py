@@ -194,6 +194,7 @@ class Generator:
             is_prefill=True,
             cu_seqlens=cu_seqlens.to(self.device),
             logits_indices=(cu_seqlens[1:] - 1).to(torch.int64).to(self.device),
+            max_seq_len=max(len(p) for p in prompts),
         )
         logits = self.model(batch, cache)  # [B, V]
         self._sample_and_append(seqs, logits)
@@ -211,6 +212,7 @@ class Generator:
             is_prefill=False,
             seq_lens=torch.tensor([p + 1 for p in positions], dtype=torch.int32, device=self.device),
             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=self.device),
+            max_seq_len=max(positions) + 1,
         )
         logits = self.model(batch, cache)  # [B, V]
         self._sample_and_append(seqs, logits)

@@ -31,6 +31,9 @@ class ForwardBatch:
     seq_lens: torch.Tensor | None = None  # decode: [B] int32, cache length including this token
     slot_mapping: torch.Tensor | None = None  # decode: [B] int64 flat cache slot of this token's k/v
     logits_indices: torch.Tensor | None = None  # rows of T whose logits are wanted; None: all T
+    # Longest sequence (prefill: prompt; decode: seq_lens entry), known on the host. Passed to the
+    # kernels so that the Triton launchers need not read it from the device once per layer (a sync).
+    max_seq_len: int | None = None
 
 
 class RMSNorm(nn.Module):
@@ -73,10 +76,11 @@ class Attention(nn.Module):
         v = v.reshape(tokens, c.n_kv_heads, c.head_dim)
         if batch.is_prefill:
             out = kernels.prefill_attention(q, k, v, batch.cu_seqlens, k_cache, v_cache, batch.block_tables,
-                                             self.sm_scale)
+                                             self.sm_scale, max_seqlen=batch.max_seq_len)
         else:
             kernels.write_kv(k, v, k_cache, v_cache, batch.slot_mapping)
-            out = kernels.decode_attention(q, k_cache, v_cache, batch.block_tables, batch.seq_lens, self.sm_scale)
+            out = kernels.decode_attention(q, k_cache, v_cache, batch.block_tables, batch.seq_lens, self.sm_scale,
+                                           max_seq_len=batch.max_seq_len)
         return self.wo(out.reshape(tokens, c.q_size))
 
 

@@ -121,3 +121,27 @@ def test_a_failed_call_leaves_the_generator_usable(tiny_lm):
         tiny_lm.generate(reqs, on_result=explode)
     again = tiny_lm.generate(reqs)
     assert [r.request_id for r in again] == ["0", "1", "2"] and all(r.error is None for r in again)
+
+
+def test_forward_passes_host_max_lengths_to_the_kernels(tiny_lm, monkeypatch):
+    """The attention launchers get the longest length from the host: no device read (a sync) per layer."""
+    import kernels
+
+    seen = []
+    prefill, decode = kernels.prefill_attention, kernels.decode_attention
+
+    def spy_prefill(*args, max_seqlen=None):
+        cu = args[3]
+        seen.append(("prefill", max_seqlen, int((cu[1:] - cu[:-1]).max())))
+        return prefill(*args, max_seqlen=max_seqlen)
+
+    def spy_decode(*args, max_seq_len=None):
+        seen.append(("decode", max_seq_len, int(args[4].max())))
+        return decode(*args, max_seq_len=max_seq_len)
+
+    monkeypatch.setattr(kernels, "prefill_attention", spy_prefill)
+    monkeypatch.setattr(kernels, "decode_attention", spy_decode)
+    tiny_lm.generate([req("a", PROMPTS[1], temperature=0, max_tokens=3), req("b", PROMPTS[2], temperature=0,
+                                                                            max_tokens=5, ignore_eos=True)])
+    assert {kind for kind, _, _ in seen} == {"prefill", "decode"}
+    assert all(given == actual for _, given, actual in seen), seen
