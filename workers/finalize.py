@@ -24,6 +24,7 @@ from sqlalchemy import and_, exists, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from db.batches import usage_body
 from db.leases import ACTIVE_SHARD_STATUSES, ResultRow, cancel_queued_shards, record_unfenced_results
 from db.models import Batch, BatchStatus, File, RequestOutcome, RequestResult, Shard, ShardStatus
 from db.session import session_scope
@@ -170,9 +171,7 @@ def finalize_batch(settings: Settings, batch_id: str) -> None:
             Shard.batch_id == batch_id, Shard.status == ShardStatus.FAILED)) or 0
         values: dict[str, Any] = {
             "output_file_id": files["output"], "error_file_id": files["errors"],
-            "usage": {"input_tokens": int(prompt_tokens), "input_tokens_details": {"cached_tokens": 0},
-                      "output_tokens": int(completion_tokens), "output_tokens_details": {"reasoning_tokens": 0},
-                      "total_tokens": int(prompt_tokens) + int(completion_tokens)},
+            "usage": usage_body(input_tokens=int(prompt_tokens), output_tokens=int(completion_tokens)),
         }
         if batch.cancelling_at is not None:
             values.update(status=BatchStatus.CANCELLED, cancelled_at=created)
