@@ -94,12 +94,17 @@ class ResultRow:
     completion_tokens: int = 0
 
 
-def _insert_ignoring_duplicates(session: Session, values: list[dict[str, Any]]) -> None:
-    if not values:
+def _insert_results(session: Session, *, batch_id: str, shard_id: int, attempt: int, worker_id: str | None,
+                    results: list[ResultRow], now: float) -> None:
+    """Inserts RequestResult rows; one already stored for (batch, custom_id) is kept (ON CONFLICT DO NOTHING)."""
+    if not results:
         return
-    dialect = session.get_bind().dialect.name
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    stmt = insert(RequestResult).values(values)
+    insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+    stmt = insert(RequestResult).values([{
+        "batch_id": batch_id, "shard_id": shard_id, "custom_id": r.custom_id, "line_number": r.line_number,
+        "outcome": r.outcome, "output_line": r.output_line, "prompt_tokens": r.prompt_tokens,
+        "completion_tokens": r.completion_tokens, "attempt": attempt, "worker_id": worker_id, "created_at": now,
+    } for r in results])
     session.execute(stmt.on_conflict_do_nothing(index_elements=["batch_id", "custom_id"]))
 
 
@@ -115,25 +120,16 @@ def record_result(*, session: Session, batch_id: str, shard_id: int, attempt: in
     fence = session.execute(update(Shard).where(_fenced(shard_id, attempt)).values(updated_at=now))
     if fence.rowcount != 1:
         return False
-    _insert_ignoring_duplicates(session, [{
-        "batch_id": batch_id, "shard_id": shard_id, "custom_id": result.custom_id,
-        "line_number": result.line_number, "outcome": result.outcome, "output_line": result.output_line,
-        "prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
-        "attempt": attempt, "worker_id": worker_id, "created_at": now,
-    }])
+    _insert_results(session, batch_id=batch_id, shard_id=shard_id, attempt=attempt, worker_id=worker_id,
+                    results=[result], now=now)
     return True
 
 
 def record_unfenced_results(*, session: Session, batch_id: str, shard_id: int, attempt: int,
                             worker_id: str | None, results: list[ResultRow]) -> None:
     """Stores results no worker holds a lease for (the finalizer's cancelled/expired/failed lines)."""
-    now = _now()
-    _insert_ignoring_duplicates(session, [{
-        "batch_id": batch_id, "shard_id": shard_id, "custom_id": r.custom_id, "line_number": r.line_number,
-        "outcome": r.outcome, "output_line": r.output_line, "prompt_tokens": r.prompt_tokens,
-        "completion_tokens": r.completion_tokens, "attempt": attempt, "worker_id": worker_id,
-        "created_at": now,
-    } for r in results])
+    _insert_results(session, batch_id=batch_id, shard_id=shard_id, attempt=attempt, worker_id=worker_id,
+                    results=results, now=_now())
 
 
 def done_custom_ids(*, session: Session, shard_id: int) -> set[str]:
@@ -251,9 +247,3 @@ def cancel_queued_shards(*, session: Session, batch_id: str) -> int:
         .values(status=ShardStatus.CANCELLED, updated_at=_now())
     )
     return result.rowcount
-
-
-def active_shard_count(*, session: Session, batch_id: str) -> int:
-    """Shards of the batch that are queued or running."""
-    return len(session.scalars(select(Shard.id).where(Shard.batch_id == batch_id,
-                                                      Shard.status.in_(ACTIVE_SHARD_STATUSES))).all())
