@@ -16,7 +16,6 @@ from workers.runtime.types import GenerationRequest, GenerationResult, SamplingP
 
 CHAT_ENDPOINT = "/v1/chat/completions"
 COMPLETIONS_ENDPOINT = "/v1/completions"
-SUPPORTED_ENDPOINTS = (CHAT_ENDPOINT, COMPLETIONS_ENDPOINT)
 MAX_STOP_STRINGS = 4
 
 
