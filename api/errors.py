@@ -84,18 +84,21 @@ class ServiceUnavailable(ApiError):
     default_code = "service_unavailable"
 
 
-def _response(error: ApiError) -> JSONResponse:
-    # The SDK retries 409 by default; a state conflict will not resolve itself, so tell it not to.
-    headers = {"x-should-retry": "false"} if error.status_code == 409 else None
+def _response(error: ApiError, headers: dict[str, str] | None = None) -> JSONResponse:
+    if error.status_code == 409:  # the SDK retries 409; a state conflict will not resolve itself
+        headers = (headers or {}) | {"x-should-retry": "false"}
     return JSONResponse(error.body(), status_code=error.status_code, headers=headers)
 
 
 def _validation_error(exc: RequestValidationError) -> InvalidRequest:
-    first = exc.errors()[0] if exc.errors() else {}
+    errors = exc.errors()
+    first = errors[0] if errors else {}
     loc = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path", "header")]
     param = ".".join(loc) or None
     if first.get("type") == "json_invalid":
         return InvalidRequest("The request body is not valid JSON.", code="invalid_json")
+    if param is None:  # the body itself is missing or not a JSON object
+        return InvalidRequest("The request body must be a JSON object.", code="invalid_value")
     if first.get("type") == "missing":
         return InvalidRequest(f"Missing required parameter: '{param}'.", param=param,
                               code="missing_required_parameter")
@@ -117,9 +120,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        error = ApiError(str(exc.detail), code="not_found" if exc.status_code == 404 else None)
-        error.status_code, error.error_type = exc.status_code, "invalid_request_error"
-        return JSONResponse(error.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
+        error = InvalidRequest(str(exc.detail), code="not_found" if exc.status_code == 404 else None)
+        error.status_code = exc.status_code  # 404 unknown route, 405 wrong method, ...
+        return _response(error, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(StorageKeyNotFound)
     async def missing_bytes(_request: Request, exc: StorageKeyNotFound) -> JSONResponse:

@@ -146,3 +146,12 @@ def test_file_of_wrong_purpose(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as info:
         client.batches.create(input_file_id=file_id, endpoint=CHAT, completion_window="24h")
     assert info.value.body["code"] == "invalid_file_purpose"
+
+
+@pytest.mark.parametrize("content", [b"", b"null", b"[]"])
+def test_body_that_is_not_an_object_is_400(http, api_key: str, content: bytes) -> None:
+    response = http.post("/v1/batches", content=content,
+                         headers={"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"})
+    error = response.json()["error"]
+    assert response.status_code == 400 and error["code"] == "invalid_value" and error["param"] is None
+    assert error["message"] == "The request body must be a JSON object."
