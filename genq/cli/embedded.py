@@ -1,0 +1,166 @@
+"""`genq run FILE`: a whole batch in this process, without servers.
+
+SQLite and a local store under GENQ_HOME (or --home), the same create_batch path as the API and the
+same run_shard function the workers run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from genq.cli.console import EXIT_INVALID_INPUT, EXIT_SYSTEM_FAILURE, console, errors_path, progress_bar
+from genq.settings import get_settings
+
+
+def _copy_input(src: Path, store: Any, key: str, model: str | None) -> tuple[int, str]:
+    """Stores the input file (with body.model replaced when model is given); returns (bytes, endpoint)."""
+    import tempfile
+
+    endpoint = "/v1/chat/completions"
+    out = tempfile.SpooledTemporaryFile(max_size=8 << 20)  # noqa: SIM115 -- closed below; spills to disk
+    first = True
+    with src.open("rb") as f:
+        for raw in f:
+            if first and raw.strip():
+                try:
+                    endpoint = json.loads(raw).get("url") or endpoint
+                except (ValueError, AttributeError):
+                    pass
+                first = False
+            if model and raw.strip():
+                try:
+                    line = json.loads(raw)
+                    line["body"]["model"] = model
+                    raw = json.dumps(line, ensure_ascii=False).encode() + b"\n"
+                except (ValueError, KeyError, TypeError):
+                    pass  # left as is: validation reports the line
+            out.write(raw)
+    size = out.tell()
+    out.seek(0)
+    with out:
+        store.put_stream(key, out)  # type: ignore[arg-type]
+    return size, endpoint
+
+
+def run(
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="OpenAI batch input (JSONL).")],
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Output JSONL; errors go next to it "
+                                                "as *.errors.jsonl. Default: FILE.output.jsonl.")] = None,
+    model: Annotated[str | None, typer.Option(help="Run every line on this model instead of body.model.")] = None,
+    home: Annotated[Path | None, typer.Option(help="Where the embedded database and store live [GENQ_HOME].")] = None,
+) -> None:
+    """Run a batch file here, without servers, and write OpenAI-format results."""
+    from sqlalchemy import select, update
+
+    from api.batch_service import create_batch
+    from api.errors import ApiError
+    from db.batches import request_cancel
+    from db.files import create_file, file_storage_key, new_file_id
+    from db.migrate import upgrade_to_head
+    from db.models import Batch, File, Shard, ShardStatus
+    from db.session import session_scope
+    from db.tenants import create_tenant, get_tenant
+    from storage import store_from_settings
+    from workers.finalize import maybe_finalize
+    from workers.shard_runner import run_shard
+
+    base = get_settings()
+    home = (home or base.home).expanduser()
+    # Embedded: whatever servers the environment names, this run uses only files under home.
+    settings = base.model_copy(update={"home": home, "database_url": "", "storage_url": "", "broker_url": ""})
+    home.mkdir(parents=True, exist_ok=True)
+    url = settings.resolved_database_url()
+    upgrade_to_head(url)
+    store = store_from_settings(settings)
+    output = output or file.with_name(file.name.removesuffix(".jsonl") + ".output.jsonl")
+    errors_out = errors_path(output)
+
+    with session_scope(url) as session:
+        tenant = get_tenant(session=session, tenant="local") or create_tenant(session=session, name="local")
+        tenant_id = tenant.id
+    file_id = new_file_id()
+    size, endpoint = _copy_input(file, store, file_storage_key(file_id), model)
+    try:
+        with session_scope(url) as session:
+            create_file(session=session, tenant_id=tenant_id, file_id=file_id, filename=file.name, purpose="batch",
+                        size=size)
+            batch, shards = create_batch(session=session, store=store, settings=settings, tenant_id=tenant_id,
+                                         input_file_id=file_id, endpoint=endpoint)
+            batch_id, total = batch.id, batch.request_total
+    except ApiError as exc:
+        problems = getattr(exc, "errors", None)  # BatchInputInvalid: every bad line, with its number
+        if problems:
+            for problem in problems:  # each message names its line ("Line 7: ...")
+                console.print(f"[red]{file}: {problem.message}[/]")
+        else:
+            console.print(f"[red]{file}: {exc.message}[/]")
+        raise typer.Exit(EXIT_INVALID_INPUT) from None
+
+    worker_id = f"embedded:{os.getpid()}"
+    started = time.monotonic()
+    console.print(f"batch {batch_id}: {total} requests in {len(shards)} shard(s); data in {home}")
+    try:
+        with progress_bar() as progress:
+            task = progress.add_task("generating", total=total, tokens=0)
+
+            def advance(_prompt_tokens: int, completion_tokens: int) -> None:
+                tokens = progress.tasks[task].fields["tokens"] + completion_tokens
+                progress.update(task, advance=1, tokens=tokens)
+
+            while True:
+                with session_scope(url) as session:
+                    queued = list(session.scalars(select(Shard.id).where(
+                        Shard.batch_id == batch_id, Shard.status == ShardStatus.QUEUED).order_by(Shard.index)))
+                if not queued:
+                    break
+                for shard_id in queued:
+                    outcome = run_shard(settings=settings, shard_id=shard_id, worker_id=worker_id, on_progress=advance)
+                    if outcome.status in ("released", "failed") and outcome.error:
+                        console.print(f"[yellow]shard {shard_id} attempt {outcome.attempt}: {outcome.error}[/]")
+            maybe_finalize(settings, batch_id)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted: cancelling; finished requests are kept[/]")
+        with session_scope(url) as session:
+            request_cancel(session=session, tenant_id=tenant_id, batch_id=batch_id)
+            # This process held the running shard; nobody else will finish it.
+            session.execute(update(Shard).where(Shard.batch_id == batch_id, Shard.status == ShardStatus.RUNNING)
+                            .values(status=ShardStatus.CANCELLED, lease_owner=None, lease_expires_at=None))
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        maybe_finalize(settings, batch_id)
+
+    with session_scope(url) as session:
+        batch = session.get(Batch, batch_id)
+        outputs = {kind: session.get(File, file_id) for kind, file_id in
+                   (("output", batch.output_file_id), ("errors", batch.error_file_id)) if file_id}
+        status, usage = batch.status.value, batch.usage or {}
+    output.parent.mkdir(parents=True, exist_ok=True)
+    lines = {"output": 0, "errors": 0}
+    for kind, path in (("output", output), ("errors", errors_out)):
+        row = outputs.get(kind)
+        if row is None:
+            if path.exists() and kind == "errors":
+                path.unlink()  # a stale error file from an earlier run would mislead
+            continue
+        with path.open("wb") as f:
+            for chunk in store.iter_chunks(row.storage_key):
+                f.write(chunk)
+                lines[kind] += chunk.count(b"\n")
+    elapsed = time.monotonic() - started
+    tokens = usage.get("output_tokens", 0)
+    console.print(f"batch {batch_id} {status} in {elapsed:.1f}s: {lines['output']} succeeded, {lines['errors']} "
+                  f"failed; {tokens} completion tokens ({tokens / max(elapsed, 1e-9):.1f} tok/s)")
+    if "output" in outputs:
+        console.print(f"results: {output}")
+    if lines["errors"]:
+        console.print(f"errors:  {errors_out}")
+    if status in ("failed", "expired") or (status == "cancelled" and not lines["output"]):
+        raise typer.Exit(EXIT_SYSTEM_FAILURE)
+    if status == "cancelled":
+        raise typer.Exit(130)

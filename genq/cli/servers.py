@@ -1,0 +1,150 @@
+"""Commands for the deployment's own machines: the API server, Celery workers, the reaper, schema
+migrations, and API keys (these talk to the database directly, not through the API)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from typing import Annotated
+
+import typer
+
+from genq.cli.console import EXIT_SYSTEM_FAILURE, console
+from genq.settings import Settings, get_settings
+
+
+def api(host: Annotated[str | None, typer.Option(help="Bind address [GENQ_API_HOST].")] = None,
+        port: Annotated[int | None, typer.Option(help="Port [GENQ_API_PORT].")] = None,
+        migrate: Annotated[bool, typer.Option(help="Upgrade the database schema first.")] = False,
+        workers: Annotated[int, typer.Option(help="uvicorn worker processes.")] = 1) -> None:
+    """Serve the OpenAI-compatible Files and Batch API."""
+    import uvicorn
+
+    settings = get_settings()
+    if migrate:
+        _migrate(settings)
+    uvicorn.run("api.main:app", host=host or settings.api_host, port=port or settings.api_port, workers=workers)
+
+
+def _migrate(settings: Settings) -> None:
+    from db.migrate import upgrade_to_head
+
+    upgrade_to_head(settings.resolved_database_url())
+
+
+def migrate() -> None:
+    """Bring the database [GENQ_DATABASE_URL] to the newest schema."""
+    settings = get_settings()
+    _migrate(settings)
+    console.print(f"database at newest schema: {_redact(settings.resolved_database_url())}")
+
+
+def _redact(url: str) -> str:
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
+    return url
+
+
+def worker(
+    queues: Annotated[list[str] | None, typer.Option("--queues", "-Q", help="Queues to consume (repeatable or "
+                                                     "comma-separated); default: one per served model.")] = None,
+    models: Annotated[str | None, typer.Option(help="Comma-separated model ids to serve and load at start; "
+                                               "default: every registry model, loaded at first use.")] = None,
+    concurrency: Annotated[int, typer.Option("--concurrency", "-c", help="Pool processes; 1 per GPU.")] = 1,
+    pool: Annotated[str, typer.Option(help="Celery pool; prefork keeps CUDA out of the parent.")] = "prefork",
+    reaper: Annotated[bool, typer.Option(help="Also run the reaper loop in a sibling process.")] = True,
+    loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
+    hostname: Annotated[str | None, typer.Option("--hostname", "-n", help="Celery node name.")] = None,
+) -> None:
+    """Run a Celery worker for model queues (prefork -c 1: one per GPU, with CUDA_VISIBLE_DEVICES)."""
+    from workers import tasks
+    from workers.celery_app import app as celery_app
+    from workers.dispatch import queue_for_model
+    from workers.registry import list_models
+
+    settings = get_settings()
+    if not settings.broker_url:
+        console.print("[red]GENQ_BROKER_URL is not set[/]: a worker needs a broker (use `genq run` without one)")
+        raise typer.Exit(EXIT_SYSTEM_FAILURE)
+    served = [m.strip() for m in models.split(",") if m.strip()] if models else []
+    if models:
+        tasks.PRELOAD_MODELS[:] = served  # loaded in each pool child (worker_process_init), never the parent
+    names = [q.strip() for item in (queues or []) for q in item.split(",") if q.strip()]
+    if not names:
+        names = [queue_for_model(m) for m in (served or [spec.id for spec in list_models(settings)])]
+    reaper_process = _start_reaper() if reaper else None
+    argv = ["worker", "-P", pool, "-c", str(concurrency), "-Q", ",".join(names), "--loglevel", loglevel,
+            "--without-mingle", "--without-gossip"]
+    if hostname:
+        argv += ["-n", hostname]
+    try:
+        celery_app.worker_main(argv)
+    finally:
+        if reaper_process is not None and reaper_process.poll() is None:
+            reaper_process.terminate()
+            try:
+                reaper_process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                reaper_process.kill()
+
+
+def _start_reaper() -> subprocess.Popen:
+    # A sibling process, not a thread: the prefork pool forks this process and a thread holding a lock
+    # at fork time would deadlock the child. Same process group, so killing the group kills it too.
+    return subprocess.Popen([sys.executable, "-m", "genq.cli", "reaper", "--parent-pid", str(os.getpid())])
+
+
+def reaper(parent_pid: Annotated[int | None, typer.Option(hidden=True)] = None,
+           once: Annotated[bool, typer.Option(help="One pass, then exit.")] = False) -> None:
+    """Re-dispatch lost shards, expire and finalize batches, every GENQ_REAPER_INTERVAL_SECONDS."""
+    import logging
+
+    from workers.reaper import reap
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s reaper %(levelname)s %(message)s")
+    settings = get_settings()
+    while True:
+        if parent_pid is not None and os.getppid() != parent_pid:
+            return  # the worker that started us is gone
+        try:
+            report = reap(settings)
+            if report.redispatched or report.expired_batches or report.finalized_batches or report.failed_shards:
+                logging.info("%s", report)
+        except Exception:
+            logging.exception("reaper pass failed; retrying next interval")
+        if once:
+            return
+        time.sleep(settings.reaper_interval_seconds)
+
+
+# --- keys ------------------------------------------------------------------------------------------
+
+
+def keys_create(tenant: Annotated[str, typer.Option(help="Tenant name (created if new).")]) -> None:
+    """Create an API key for a tenant and print it (shown only this once)."""
+    from db.session import session_scope
+    from db.tenants import create_api_key, create_tenant, get_tenant
+
+    settings = get_settings()
+    with session_scope(settings.resolved_database_url()) as session:
+        row = get_tenant(session=session, tenant=tenant) or create_tenant(session=session, name=tenant)
+        key, secret = create_api_key(session=session, tenant_id=row.id)
+        key_id = key.id
+    console.print(f"key {key_id} for tenant {tenant!r} (store it now: it is not shown again)")
+    print(secret)
+
+
+def keys_revoke(key: Annotated[str, typer.Argument(help="Key id or prefix.")]) -> None:
+    """Revoke an API key by id or prefix."""
+    from db.session import session_scope
+    from db.tenants import revoke_api_key
+
+    with session_scope(get_settings().resolved_database_url()) as session:
+        revoked = revoke_api_key(session=session, key=key)
+    if not revoked:
+        console.print(f"[red]no live key matches {key!r}[/]")
+        raise typer.Exit(EXIT_SYSTEM_FAILURE)
+    console.print(f"revoked {revoked} key(s)")
