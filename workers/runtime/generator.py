@@ -42,7 +42,6 @@ class _Sequence:
     logprobs: list[float] = field(default_factory=list)
     text: str = ""  # completed characters of the completion (stop string cut off at the end)
     finish_reason: str | None = None  # "stop" or "length" once finished
-    output_counts: torch.Tensor | None = None  # [V] int32 counts of generated ids (penalties only)
 
     @property
     def length(self) -> int:
@@ -59,6 +58,17 @@ def _wants_penalties(request: GenerationRequest) -> bool:
     return p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 or p.repetition_penalty != 1.0
 
 
+@dataclass
+class _BatchTensors:
+    """Device tensors of one batch composition, kept from step to step while its rows stay the same."""
+
+    rows: tuple[int, ...]  # _Sequence.index of each row
+    block_tables: torch.Tensor  # [B, max_blocks] int32; a request's blocks are all reserved at admission
+    # Per-row sampling parameters. position is replaced every step; output_counts (penalties only) is
+    # incremented on the device with each step's tokens instead of being rebuilt from Python lists.
+    meta: kernels.SamplingMetadata
+
+
 class Generator:
     """Runs batches of GenerationRequest through one model; owns the KV cache between calls."""
 
@@ -73,6 +83,7 @@ class Generator:
         self.device, self.dtype = param.device, param.dtype
         self.vocab_size = model.config.vocab_size
         self._cache: KVCache | None = None
+        self._batch: _BatchTensors | None = None  # the last step's, within one call (rows are unique there)
         self._lock = threading.Lock()  # one generate at a time: they share the cache
 
     # -- validation ------------------------------------------------------------------------------
@@ -116,7 +127,10 @@ class Generator:
         `on_result` is called as each request finishes (errors included). Calls are serialised.
         """
         with self._lock:
-            return self._generate(requests, on_result, should_stop, max(1, max_batch_size))
+            try:
+                return self._generate(requests, on_result, should_stop, max(1, max_batch_size))
+            finally:
+                self._batch = None
 
     def _generate(
         self, requests: list[GenerationRequest], on_result: Callable[[GenerationResult], None] | None,
@@ -187,17 +201,18 @@ class Generator:
         cu_seqlens = torch.zeros(len(seqs) + 1, dtype=torch.int32)
         cu_seqlens[1:] = torch.cumsum(lengths, 0)
         positions = torch.cat([torch.arange(len(p), dtype=torch.int64) for p in prompts])
+        tensors = self._batch_tensors(seqs)
         batch = ForwardBatch(
             tokens=torch.tensor([t for p in prompts for t in p], dtype=torch.int64, device=self.device),
             positions=positions.to(self.device),
-            block_tables=block_table_tensor([s.blocks for s in seqs], self.device),
+            block_tables=tensors.block_tables,
             is_prefill=True,
             cu_seqlens=cu_seqlens.to(self.device),
             logits_indices=(cu_seqlens[1:] - 1).to(torch.int64).to(self.device),
             max_seq_len=max(len(p) for p in prompts),
         )
         logits = self.model(batch, cache)  # [B, V]
-        self._sample_and_append(seqs, logits)
+        self._sample_and_append(seqs, logits, tensors, position=lengths.to(self.device))
 
     @torch.inference_mode()
     def _decode(self, seqs: list[_Sequence], cache: KVCache) -> None:
@@ -205,21 +220,33 @@ class Generator:
         bs = self.block_size
         positions = [s.length - 1 for s in seqs]
         slots = [s.blocks[p // bs] * bs + p % bs for s, p in zip(seqs, positions, strict=True)]
+        # [3, B] int64 rows: token, position, flat cache slot; one host-to-device copy per step.
+        step = torch.tensor([[s.last_token for s in seqs], positions, slots], dtype=torch.int64).to(self.device)
+        seq_lens = (step[1] + 1).to(torch.int32)  # also the position of the token being drawn
+        tensors = self._batch_tensors(seqs)
         batch = ForwardBatch(
-            tokens=torch.tensor([s.last_token for s in seqs], dtype=torch.int64, device=self.device),
-            positions=torch.tensor(positions, dtype=torch.int64, device=self.device),
-            block_tables=block_table_tensor([s.blocks for s in seqs], self.device),
+            tokens=step[0],
+            positions=step[1],
+            block_tables=tensors.block_tables,
             is_prefill=False,
-            seq_lens=torch.tensor([p + 1 for p in positions], dtype=torch.int32, device=self.device),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=self.device),
+            seq_lens=seq_lens,
+            slot_mapping=step[2],
             max_seq_len=max(positions) + 1,
         )
         logits = self.model(batch, cache)  # [B, V]
-        self._sample_and_append(seqs, logits)
+        self._sample_and_append(seqs, logits, tensors, position=seq_lens)
 
     # -- sampling and stopping -------------------------------------------------------------------
 
-    def _sampling_metadata(self, seqs: list[_Sequence], vocab: int) -> kernels.SamplingMetadata:
+    def _batch_tensors(self, seqs: list[_Sequence]) -> _BatchTensors:
+        """The last step's tensors when `seqs` are the same rows, else new ones for this composition."""
+        rows = tuple(s.index for s in seqs)
+        if self._batch is None or self._batch.rows != rows:
+            self._batch = _BatchTensors(rows, block_table_tensor([s.blocks for s in seqs], self.device),
+                                        self._sampling_metadata(seqs))
+        return self._batch
+
+    def _sampling_metadata(self, seqs: list[_Sequence]) -> kernels.SamplingMetadata:
         """Per-row parameters; output_counts/prompt_mask only when some row has a penalty."""
         dev = self.device
         params = [s.request.params for s in seqs]
@@ -240,27 +267,31 @@ class Generator:
             want_logprobs=any(p.logprobs for p in params),
         )
         if any(_wants_penalties(s.request) for s in seqs):
-            for s in seqs:
-                if s.output_counts is None:
-                    s.output_counts = torch.zeros(vocab, dtype=torch.int32, device=dev)
-                    s.output_counts.index_add_(0, torch.tensor(s.generated, dtype=torch.int64, device=dev),
-                                               torch.ones(len(s.generated), dtype=torch.int32, device=dev))
-            meta.output_counts = torch.stack([s.output_counts for s in seqs])
-            prompt_mask = torch.zeros(len(seqs), vocab, dtype=torch.bool, device=dev)
-            for row, s in enumerate(seqs):
-                prompt_mask[row, torch.tensor(s.request.prompt_token_ids, device=dev)] = True
-            meta.prompt_mask = prompt_mask
+            shape = (len(seqs), self.vocab_size)
+            generated_rows = [row for row, s in enumerate(seqs) for _ in s.generated]
+            meta.output_counts = torch.zeros(shape, dtype=torch.int32, device=dev)
+            meta.output_counts.index_put_(
+                (col(generated_rows, torch.int64), col([t for s in seqs for t in s.generated], torch.int64)),
+                torch.ones(len(generated_rows), dtype=torch.int32, device=dev), accumulate=True,
+            )
+            prompt_rows = [row for row, s in enumerate(seqs) for _ in s.request.prompt_token_ids]
+            meta.prompt_mask = torch.zeros(shape, dtype=torch.bool, device=dev)
+            meta.prompt_mask[col(prompt_rows, torch.int64),
+                             col([t for s in seqs for t in s.request.prompt_token_ids], torch.int64)] = True
         return meta
 
-    def _sample_and_append(self, seqs: list[_Sequence], logits: torch.Tensor) -> None:
-        meta = self._sampling_metadata(seqs, logits.shape[-1])
+    def _sample_and_append(self, seqs: list[_Sequence], logits: torch.Tensor, tensors: _BatchTensors,
+                           position: torch.Tensor) -> None:
+        """Draws a token per row (position [B] int32: its index in the sequence) and applies the stop rules."""
+        meta = tensors.meta
+        meta.position = position
         tokens, logprobs = kernels.sample(logits, meta)
+        if meta.output_counts is not None:
+            meta.output_counts[torch.arange(len(seqs), device=tokens.device), tokens] += 1
         token_list = tokens.tolist()
         logprob_list = logprobs.tolist() if logprobs is not None else None
         for row, (seq, token) in enumerate(zip(seqs, token_list, strict=True)):
             seq.generated.append(token)
-            if seq.output_counts is not None:
-                seq.output_counts[token] += 1
             if seq.request.params.logprobs and logprob_list is not None:
                 seq.logprobs.append(logprob_list[row])
             self._check_stop(seq, token)

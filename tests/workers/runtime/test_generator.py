@@ -145,3 +145,14 @@ def test_forward_passes_host_max_lengths_to_the_kernels(tiny_lm, monkeypatch):
                                                                             max_tokens=5, ignore_eos=True)])
     assert {kind for kind, _, _ in seen} == {"prefill", "decode"}
     assert all(given == actual for _, given, actual in seen), seen
+
+
+def test_penalised_request_same_alone_and_as_its_batch_changes(tiny_lm):
+    """Penalty counts kept on the device across steps equal counts rebuilt when rows are admitted or retire."""
+    probe = req("probe", PROMPTS[1], temperature=0.8, seed=3, max_tokens=16, frequency_penalty=0.8,
+                presence_penalty=0.5, repetition_penalty=1.4, ignore_eos=True)
+    [alone] = tiny_lm.generate([probe])
+    others = [req(str(i), PROMPTS[i], temperature=0, max_tokens=2 + 3 * i, ignore_eos=True,
+                  repetition_penalty=1.2 if i % 2 else 1.0) for i in range(4)]
+    results = tiny_lm.generate([others[0], probe, *others[1:]], max_batch_size=2)
+    assert results[1].token_ids == alone.token_ids
