@@ -17,7 +17,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from api.batch_input import BATCH_ENDPOINTS, validate_and_shard
-from api.errors import Conflict, InvalidRequest, NotFound
+from api.errors import Conflict, InvalidRequest, no_such
 from db.batches import (
     FINAL_STATUSES,
     NewShard,
@@ -100,7 +100,7 @@ def create_batch(*, session: Session, store: Store, settings: Settings, tenant_i
     check_metadata(metadata)
     file = get_file(session=session, tenant_id=tenant_id, file_id=input_file_id)
     if file is None:
-        raise NotFound(f"No such file: {input_file_id!r}", param="input_file_id")
+        raise no_such("File object", input_file_id, param="input_file_id")
     if file.purpose != "batch":
         raise InvalidRequest(f"file {input_file_id!r} has purpose {file.purpose!r}; a batch input needs 'batch'",
                              param="input_file_id", code="invalid_file_purpose")
@@ -135,15 +135,21 @@ def _replay(*, session: Session, tenant_id: str, key: str, fingerprint: str | No
     return existing
 
 
+def tenant_batch(*, session: Session, tenant_id: str, batch_id: str) -> Batch:
+    """The tenant's batch, or NotFound (also for another tenant's batch)."""
+    batch = get_batch(session=session, tenant_id=tenant_id, batch_id=batch_id)
+    if batch is None:
+        raise no_such("batch", batch_id, param="batch_id")
+    return batch
+
+
 def retry_failed(*, session: Session, store: Store, settings: Settings, tenant_id: str, batch_id: str,
                  completion_window: str | None = None) -> tuple[Batch, list[Shard]]:
     """A new batch of the finished batch's failed and never-run requests (its input file is written first).
 
     Raises NotFound, Conflict (batch not finished) or InvalidRequest (nothing to retry).
     """
-    source = get_batch(session=session, tenant_id=tenant_id, batch_id=batch_id)
-    if source is None:
-        raise NotFound(f"No such batch: {batch_id!r}")
+    source = tenant_batch(session=session, tenant_id=tenant_id, batch_id=batch_id)
     if source.status not in FINAL_STATUSES:
         raise Conflict(f"batch {batch_id!r} is {source.status.value}; only a finished batch can be retried",
                        code="batch_not_finished")

@@ -11,11 +11,11 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy.orm import Session
 
 from api.auth import TenantDep
-from api.batch_service import create_batch, request_fingerprint, retry_failed
+from api.batch_service import create_batch, request_fingerprint, retry_failed, tenant_batch
 from api.deps import SessionDep, SettingsDep, StoreDep
-from api.errors import Conflict, NotFound
+from api.errors import Conflict, no_such
 from api.schemas import BatchList, BatchObject, CreateBatchRequest
-from db.batches import get_batch, list_batches, request_cancel, request_counts, result_page, usage_totals
+from db.batches import list_batches, request_cancel, request_counts, result_page, usage_totals
 from db.models import Batch, BatchStatus, RequestOutcome, Shard
 from db.session import get_sessionmaker
 from genq.settings import Settings
@@ -29,13 +29,6 @@ def batch_object(session: Session, batch: Batch) -> BatchObject:
     """The wire Batch with live request_counts and usage."""
     return BatchObject.from_row(batch, counts=request_counts(session=session, batch=batch),
                                 usage=usage_totals(session=session, batch=batch))
-
-
-def _tenant_batch(session: Session, tenant_id: str, batch_id: str) -> Batch:
-    batch = get_batch(session=session, tenant_id=tenant_id, batch_id=batch_id)
-    if batch is None:
-        raise NotFound(f"No such batch: {batch_id}", param="batch_id")
-    return batch
 
 
 def _commit_and_enqueue(session: Session, settings: Settings, shards: list[Shard]) -> None:
@@ -58,7 +51,7 @@ def create(body: CreateBatchRequest, tenant_id: TenantDep, session: SessionDep, 
 @router.get("/batches/{batch_id}", response_model=BatchObject)
 def retrieve(batch_id: str, tenant_id: TenantDep, session: SessionDep) -> BatchObject:
     """The tenant's batch, with live counts."""
-    return batch_object(session, _tenant_batch(session, tenant_id, batch_id))
+    return batch_object(session, tenant_batch(session=session, tenant_id=tenant_id, batch_id=batch_id))
 
 
 @router.get("/batches", response_model=BatchList)
@@ -75,7 +68,7 @@ def cancel(batch_id: str, tenant_id: TenantDep, session: SessionDep) -> BatchObj
     """Moves the batch to cancelling; a cancelling or cancelled batch is returned as is; a finished one is 409."""
     batch = request_cancel(session=session, tenant_id=tenant_id, batch_id=batch_id)
     if batch is None:
-        raise NotFound(f"No such batch: {batch_id}", param="batch_id")
+        raise no_such("batch", batch_id, param="batch_id")
     if batch.status in NOT_CANCELLABLE:
         raise Conflict(f"Cannot cancel a batch with status '{batch.status.value}'.", code="batch_not_cancellable")
     session.commit()
@@ -86,7 +79,7 @@ def cancel(batch_id: str, tenant_id: TenantDep, session: SessionDep) -> BatchObj
 def partial(batch_id: str, tenant_id: TenantDep, session: SessionDep, settings: SettingsDep,
             errors: bool = False) -> StreamingResponse:
     """genq extension: the output lines written so far (JSONL); errors=true gives the error lines instead."""
-    _tenant_batch(session, tenant_id, batch_id)
+    tenant_batch(session=session, tenant_id=tenant_id, batch_id=batch_id)
     outcome = RequestOutcome.FAILED if errors else RequestOutcome.SUCCEEDED
     lines = _result_lines(settings.resolved_database_url(), batch_id, outcome)
     return StreamingResponse(lines, media_type="application/jsonl")

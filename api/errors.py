@@ -60,6 +60,11 @@ class NotFound(ApiError):
     default_code = "not_found"
 
 
+def no_such(kind: str, object_id: str, *, param: str) -> NotFound:
+    """404 for an id the tenant does not own, worded like OpenAI's "No such File object: file-abc"."""
+    return NotFound(f"No such {kind}: {object_id}", param=param)
+
+
 class Conflict(ApiError):
     """409: the request contradicts the object's state (idempotency key reuse, finished batch)."""
 

@@ -13,7 +13,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.auth import TenantDep
 from api.deps import SessionDep, SettingsDep, StoreDep
-from api.errors import InvalidRequest, NotFound
+from api.errors import InvalidRequest, no_such
 from api.schemas import FileDeleted, FileList, FileObject
 from api.uploads import receive_upload
 from db.files import create_file, delete_file, file_storage_key, get_file, list_files, new_file_id
@@ -55,7 +55,7 @@ def upload_expiry(fields: dict[str, str]) -> tuple[str, int | None]:
 def _tenant_file(session: SessionDep, tenant_id: str, file_id: str) -> File:
     row = get_file(session=session, tenant_id=tenant_id, file_id=file_id)
     if row is None:
-        raise NotFound(f"No such File object: {file_id}", param="id")
+        raise no_such("File object", file_id, param="id")
     return row
 
 
@@ -114,7 +114,7 @@ def remove_file(file_id: str, tenant_id: TenantDep, session: SessionDep, store: 
     """Deletes the file's record, then its bytes."""
     row = delete_file(session=session, tenant_id=tenant_id, file_id=file_id)
     if row is None:
-        raise NotFound(f"No such File object: {file_id}", param="id")
+        raise no_such("File object", file_id, param="id")
     session.commit()
     try:
         store.delete(row.storage_key)

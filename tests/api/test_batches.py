@@ -182,3 +182,12 @@ def test_create_enqueues_shards_when_a_broker_is_set(settings, session, api_key,
         assert {json.loads(base64.b64decode(m["body"]))[0][0] for m in sent} == shard_ids
     finally:
         broker.delete(*queues)
+
+
+def test_unknown_batch_is_the_same_404_on_every_route(client: openai.OpenAI) -> None:
+    calls = (lambda: client.batches.retrieve("batch_nope"), lambda: client.batches.cancel("batch_nope"),
+             lambda: client.post("/batches/batch_nope/retry_failed", cast_to=openai.types.Batch))
+    for call in calls:
+        with pytest.raises(openai.NotFoundError) as info:
+            call()
+        assert info.value.body["param"] == "batch_id" and info.value.body["message"] == "No such batch: batch_nope"
