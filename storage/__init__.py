@@ -35,8 +35,18 @@ class Store(Protocol):
         ...
 
     def iter_chunks(self, key: str, chunk_size: int = 1 << 20) -> Iterator[bytes]:
-        """The bytes of key in chunks of at most chunk_size."""
-        ...
+        """The bytes of key in chunks of at most chunk_size; raises StorageKeyNotFound before the first.
+
+        Shared by the backends (they subclass Store): open_stream is all it needs.
+        """
+        stream = self.open_stream(key)  # opened now, so a missing key raises here, not on first next()
+
+        def chunks() -> Iterator[bytes]:
+            with stream:
+                while chunk := stream.read(chunk_size):
+                    yield chunk
+
+        return chunks()
 
     def get_bytes(self, key: str) -> bytes:
         """The whole content of key (for small objects)."""

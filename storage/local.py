@@ -5,16 +5,16 @@ from __future__ import annotations
 import io
 import os
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from storage import Store
 from storage.errors import StorageKeyNotFound, check_key
 
 COPY_CHUNK = 1 << 20
 
 
-class LocalStore:
+class LocalStore(Store):
     """Objects as files under root; writes go to a temporary file that is renamed into place."""
 
     def __init__(self, root: str | Path) -> None:
@@ -61,11 +61,6 @@ class LocalStore:
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise StorageKeyNotFound(key) from None
 
-    def iter_chunks(self, key: str, chunk_size: int = 1 << 20) -> Iterator[bytes]:
-        """The bytes of key in chunks of at most chunk_size; raises StorageKeyNotFound before the first."""
-        stream = self.open_stream(key)
-        return _chunks(stream, chunk_size)
-
     def get_bytes(self, key: str) -> bytes:
         """The whole file at key."""
         return self._existing(key).read_bytes()
@@ -83,9 +78,3 @@ class LocalStore:
     def size(self, key: str) -> int:
         """The file's length in bytes."""
         return self._existing(key).stat().st_size
-
-
-def _chunks(stream: BinaryIO, chunk_size: int) -> Iterator[bytes]:
-    with stream:
-        while chunk := stream.read(chunk_size):
-            yield chunk

@@ -9,7 +9,7 @@ already being read is not retried mid-way.
 from __future__ import annotations
 
 import io
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, BinaryIO, TypeVar
 
 import boto3
@@ -19,6 +19,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from botocore.exceptions import ConnectionError as BotoConnectionError
 from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponential
 
+from storage import Store
 from storage.errors import StorageError, StorageKeyNotFound, check_key
 
 T = TypeVar("T")
@@ -44,7 +45,7 @@ _retrying = retry(retry=retry_if_exception(_is_transient), stop=stop_after_attem
                   wait=wait_exponential(multiplier=0.1, max=2), reraise=True)
 
 
-class S3Store:
+class S3Store(Store):
     """Objects at s3://bucket/prefix/key."""
 
     def __init__(self, *, bucket: str, prefix: str = "", endpoint_url: str | None = None,
@@ -98,11 +99,6 @@ class S3Store:
         """A buffered reader over the object's body; iterating it yields lines."""
         response = self._call(key, lambda: self.client.get_object(Bucket=self.bucket, Key=self._key(key)))
         return io.BufferedReader(_RawBody(response["Body"]), buffer_size=1 << 16)  # type: ignore[return-value]
-
-    def iter_chunks(self, key: str, chunk_size: int = 1 << 20) -> Iterator[bytes]:
-        """The object's bytes in chunks of at most chunk_size; raises StorageKeyNotFound before the first."""
-        stream = self.open_stream(key)
-        return _chunks(stream, chunk_size)
 
     def get_bytes(self, key: str) -> bytes:
         """The whole object."""
@@ -168,9 +164,3 @@ class _RawBody(io.RawIOBase):
         if not self.closed:
             self.body.close()
         super().close()
-
-
-def _chunks(stream: BinaryIO, chunk_size: int) -> Iterator[bytes]:
-    with stream:
-        while chunk := stream.read(chunk_size):
-            yield chunk
