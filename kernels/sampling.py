@@ -51,9 +51,9 @@ class SamplingMetadata:
     prompt_mask: torch.Tensor | None = None  # [B, V] bool: token occurs in the prompt
     want_logprobs: bool = False  # also return the chosen tokens' logprobs
 
-    @property
-    def needs_penalties(self) -> bool:
-        return self.output_counts is not None
+    def select(self, index: torch.Tensor) -> SamplingMetadata:
+        """The metadata of rows `index` (a [n] index tensor or bool mask), in that order."""
+        return SamplingMetadata(**{k: v[index] if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()})
 
 
 if triton is not None:
@@ -440,10 +440,7 @@ def sample_reference(logits: torch.Tensor, meta: SamplingMetadata) -> tuple[torc
     tokens = torch.argmax(x, dim=-1)  # greedy rows; first maximum: ties go to the lowest index
     sampled = (meta.temperature > 0).nonzero(as_tuple=True)[0]
     if len(sampled):
-        rows = SamplingMetadata(**{
-            name: value[sampled] if isinstance(value, torch.Tensor) else value
-            for name, value in vars(meta).items()
-        })
+        rows = meta.select(sampled)
         xs = apply_top_k_top_p_min_p_reference(x[sampled] / rows.temperature[:, None], rows)
         row_key = philox_randint(rows.seed.to(x.device), rows.position.to(x.device))
         tokens[sampled] = _gumbel_argmax_reference(xs, row_key)

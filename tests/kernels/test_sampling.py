@@ -62,11 +62,6 @@ def plain_meta(batch: int, gen: torch.Generator, **overrides) -> SamplingMetadat
     return SamplingMetadata(**fields)
 
 
-def select_rows(meta: SamplingMetadata, index: torch.Tensor) -> SamplingMetadata:
-    """The metadata of rows `index`, in that order."""
-    return SamplingMetadata(**{k: (v[index] if isinstance(v, torch.Tensor) else v) for k, v in vars(meta).items()})
-
-
 def reference_filtered(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
     """The reference's penalised, temperature-scaled, filtered logits (sampled rows)."""
     x = apply_penalties_reference(logits.float(), meta) / meta.temperature[:, None]
@@ -105,15 +100,19 @@ def test_greedy_rows_mixed_with_sampled_rows_and_penalties():
 # --- S2: seeded determinism --------------------------------------------------------------------
 
 
+def assert_same_draws(logits: torch.Tensor, meta: SamplingMetadata, config: SamplingConfig | None = None) -> None:
+    """The kernel draws the reference's tokens, with the same logprobs."""
+    tokens, logprobs = sample_triton(logits, meta, config=config)
+    ref_tokens, ref_logprobs = sample_reference(logits, meta)
+    assert torch.equal(tokens, ref_tokens)
+    torch.testing.assert_close(logprobs, ref_logprobs, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("batch,vocab", SHAPES)
 def test_tokens_equal_reference(batch, vocab):
     gen = torch.Generator().manual_seed(vocab)
     logits = torch.randn(batch, vocab, generator=gen) * 3
-    meta = make_meta(batch, vocab, gen)
-    tokens, logprobs = sample_triton(logits, meta)
-    ref_tokens, ref_logprobs = sample_reference(logits, meta)
-    assert torch.equal(tokens, ref_tokens)
-    torch.testing.assert_close(logprobs, ref_logprobs, atol=1e-5, rtol=1e-5)
+    assert_same_draws(logits, make_meta(batch, vocab, gen))
 
 
 def test_cuda_config_matches_reference_in_interpreter():
@@ -121,11 +120,7 @@ def test_cuda_config_matches_reference_in_interpreter():
     gen = torch.Generator().manual_seed(7)
     batch, vocab = 4, 2100
     logits = torch.randn(batch, vocab, generator=gen) * 3
-    meta = make_meta(batch, vocab, gen)
-    tokens, logprobs = sample_triton(logits, meta, config=CUDA_SAMPLING_CONFIG)
-    ref_tokens, ref_logprobs = sample_reference(logits, meta)
-    assert torch.equal(tokens, ref_tokens)
-    torch.testing.assert_close(logprobs, ref_logprobs, atol=1e-5, rtol=1e-5)
+    assert_same_draws(logits, make_meta(batch, vocab, gen), config=CUDA_SAMPLING_CONFIG)
 
 
 def test_same_seed_and_position_draw_the_same_token_in_any_slot_batch_or_block_size():
@@ -143,14 +138,14 @@ def test_same_seed_and_position_draw_the_same_token_in_any_slot_batch_or_block_s
         if isinstance(value, torch.Tensor):
             getattr(big_meta, name)[others:] = value
     perm = torch.randperm(others + batch, generator=gen)
-    shuffled_logits, shuffled_meta = big_logits[perm], select_rows(big_meta, perm)
+    shuffled_logits, shuffled_meta = big_logits[perm], big_meta.select(perm)
     where = torch.argsort(perm)[others:]  # row of each original request in the shuffled batch
     for config in (None, ONE_ROW_CONFIG, SamplingConfig(rows=8, block_v=128, nsplit=8, num_warps=1)):
         tokens, _ = sample_triton(shuffled_logits, shuffled_meta, config=config)
         assert torch.equal(tokens[where], alone), config
     assert torch.equal(sample_triton(logits, meta)[0], alone)  # and again: no hidden state
     # A different position draws differently somewhere (the noise is keyed on it).
-    moved = select_rows(meta, torch.arange(batch))
+    moved = meta.select(torch.arange(batch))
     moved.position = meta.position + 1
     assert not torch.equal(sample_triton(logits, moved)[0], alone)
 
@@ -162,7 +157,7 @@ def test_single_request_batch_matches_reference_row_by_row():
     meta = make_meta(batch, vocab, gen)
     together, _ = sample_triton(logits, meta)
     for row in range(batch):
-        one, _ = sample_triton(logits[row : row + 1], select_rows(meta, torch.tensor([row])))
+        one, _ = sample_triton(logits[row : row + 1], meta.select(torch.tensor([row])))
         assert one.item() == together[row].item()
 
 
@@ -188,7 +183,7 @@ def test_empirical_distribution_matches_filtered_probabilities():
         position=torch.randint(0, 2**20, (draws,), generator=gen, dtype=torch.int32),
     )
     tokens, _ = sample_triton(row.expand(draws, vocab), meta)
-    kept = reference_filtered(row[None], select_rows(meta, torch.tensor([0])))[0]
+    kept = reference_filtered(row[None], meta.select(torch.tensor([0])))[0]
     probs = torch.softmax(kept, dim=-1)
     assert 2 < int((probs > 0).sum()) < 24, "every filter should bind"
     freq = torch.bincount(tokens, minlength=vocab).double() / draws
