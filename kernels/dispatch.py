@@ -37,7 +37,8 @@ def sample(logits: torch.Tensor, meta: SamplingMetadata) -> tuple[torch.Tensor, 
 
 
 def prefill_attention(
-    q, k, v, cu_seqlens, k_cache, v_cache, block_tables, sm_scale: float, *, max_seqlen: int | None = None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, k_cache: torch.Tensor,
+    v_cache: torch.Tensor, block_tables: torch.Tensor, sm_scale: float, *, max_seqlen: int | None = None,
 ) -> torch.Tensor:
     """Causal varlen attention, packed q/k/v [T, H, D] -> out [T, Hq, D]; writes k, v into the paged cache.
 
@@ -51,7 +52,8 @@ def prefill_attention(
 
 
 def decode_attention(
-    q, k_cache, v_cache, block_tables, seq_lens, sm_scale: float, *, max_seq_len: int | None = None
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+    seq_lens: torch.Tensor, sm_scale: float, *, max_seq_len: int | None = None,
 ) -> torch.Tensor:
     """One query per sequence, q [B, Hq, D] -> out [B, Hq, D], against the paged cache.
 
@@ -62,6 +64,8 @@ def decode_attention(
     return decode_attention_reference(q, k_cache, v_cache, block_tables, seq_lens, sm_scale)
 
 
-def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
+def write_kv(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
     """Scatter k, v [T, Hkv, D] into the paged cache at flat slots [T] (torch indexing on every device)."""
     write_kv_reference(k, v, k_cache, v_cache, slot_mapping)
