@@ -83,8 +83,10 @@ def bench_sampling(device: str, batch: int, vocab: int) -> list[Row]:
     gen = torch.Generator(device=device).manual_seed(0)
     logits = torch.randn(batch, vocab, device=device, generator=gen) * 3
 
+    def full(value: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.full((batch,), value, dtype=dtype, device=device)
+
     def meta(**kw) -> SamplingMetadata:
-        full = lambda v, dt=torch.float32: torch.full((batch,), v, dtype=dt, device=device)  # noqa: E731
         fields = dict(
             temperature=full(0.8),
             top_k=full(0, torch.int32),
@@ -99,7 +101,6 @@ def bench_sampling(device: str, batch: int, vocab: int) -> list[Row]:
         fields.update(kw)
         return SamplingMetadata(**fields)
 
-    full = lambda v, dt=torch.float32: torch.full((batch,), v, dtype=dt, device=device)  # noqa: E731
     counts = torch.randint(0, 3, (batch, vocab), device=device, dtype=torch.int32, generator=gen)
     counts *= torch.rand(batch, vocab, device=device, generator=gen) < 0.01
     prompt = torch.rand(batch, vocab, device=device, generator=gen) < 0.01

@@ -56,8 +56,8 @@ def load_hf(path: Path, device: torch.device, dtype: torch.dtype):
 
 
 class SamplingClock:
-    """Wraps kernels.sample to add up the wall time spent sampling (the CPU reference draws Philox noise
-    for every row, greedy ones included, which dominates large CPU batches)."""
+    """Wraps kernels.sample to add up the wall time spent in it (on CUDA only the launch: the kernel runs
+    asynchronously and its tokens are read back by the generator)."""
 
     def __init__(self) -> None:
         self.seconds = 0.0
