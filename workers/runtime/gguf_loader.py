@@ -7,6 +7,7 @@ an absent output.weight.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
 from gguf.quants import dequantize
 
 from workers.runtime.checkpoint import Checkpoint
-from workers.runtime.config import SUPPORTED_ARCHITECTURES, ModelConfig, config_from_gguf_metadata
+from workers.runtime.config import SUPPORTED_ARCHITECTURES, config_from_gguf_metadata
 from workers.runtime.errors import ModelLoadError
 from workers.runtime.tokenizer import SpecialTokens, tokenizer_from_gguf
 from workers.runtime.weights import NameMap, check_tensors
@@ -134,7 +135,7 @@ def load_gguf(path: str | Path) -> Checkpoint:
             raise ModelLoadError(path, f"unexpected tensor {t.name} for architecture {arch}")
         tensors[name] = value
     if rope_factors is not None:
-        config = ModelConfig(**{**config.__dict__, "rope_freq_factors": rope_factors})
+        config = dataclasses.replace(config, rope_freq_factors=rope_factors)
     if arch in _PERMUTED_QK:
         for name in list(tensors):
             if name.endswith(("attention.wq.weight", "attention.wq.bias")):

@@ -108,9 +108,8 @@ def load_safetensors_dir(path: str | Path) -> Checkpoint:
 
 def _special_tokens(path: Path, hf: dict[str, Any], tokenizer_config: dict[str, Any]) -> SpecialTokens:
     """bos/eos/pad from config.json, generation_config.json and tokenizer_config.json."""
-    vocab = {**json.loads((path / "tokenizer.json").read_text(encoding="utf-8"))["model"]["vocab"]}
-    for added in json.loads((path / "tokenizer.json").read_text(encoding="utf-8")).get("added_tokens", []):
-        vocab[added["content"]] = added["id"]
+    spec = _read_json(path / "tokenizer.json")
+    vocab = {**spec["model"]["vocab"], **{added["content"]: added["id"] for added in spec.get("added_tokens", [])}}
     spelling = {i: t for t, i in vocab.items()}
 
     def as_token(value: Any) -> str | None:
