@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from kombu import Connection
@@ -19,28 +21,25 @@ PROBE_KEY = "health/probe"
 
 def dependency_checks(settings: Settings, store: Store) -> dict[str, str]:
     """"ok", "disabled" or "error: ..." for each dependency."""
-    checks: dict[str, str] = {}
-    try:
+
+    def database() -> None:
         with get_engine(settings.resolved_database_url()).connect() as connection:
             connection.execute(text("SELECT 1"))
-        checks["database"] = "ok"
-    except Exception as exc:  # noqa: BLE001 -- reported, not raised
-        checks["database"] = f"error: {type(exc).__name__}"
+
+    def broker() -> None:
+        with Connection(settings.broker_url, connect_timeout=2) as connection:
+            connection.ensure_connection(max_retries=1, timeout=2)
+
+    return {"database": _probe(database), "storage": _probe(lambda: store.exists(PROBE_KEY)),
+            "broker": _probe(broker) if settings.broker_url else "disabled"}
+
+
+def _probe(check: Callable[[], object]) -> str:
     try:
-        store.exists(PROBE_KEY)
-        checks["storage"] = "ok"
-    except Exception as exc:  # noqa: BLE001
-        checks["storage"] = f"error: {type(exc).__name__}"
-    if not settings.broker_url:
-        checks["broker"] = "disabled"
-    else:
-        try:
-            with Connection(settings.broker_url, connect_timeout=2) as connection:
-                connection.ensure_connection(max_retries=1, timeout=2)
-            checks["broker"] = "ok"
-        except Exception as exc:  # noqa: BLE001
-            checks["broker"] = f"error: {type(exc).__name__}"
-    return checks
+        check()
+    except Exception as exc:  # noqa: BLE001 -- reported, not raised
+        return f"error: {type(exc).__name__}"
+    return "ok"
 
 
 @router.get("/health", response_model=Health, responses={503: {"model": Health}})
