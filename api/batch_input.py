@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -64,13 +64,17 @@ class ShardPlan:
     request_count: int  # lines in the shard
 
 
-@dataclass
+@dataclass(frozen=True)
 class ValidatedInput:
     """What a valid input file contained, after its shards were written."""
 
     total: int  # requests (non-blank lines)
-    models: list[str] = field(default_factory=list)  # in order of first appearance
-    shards: list[ShardPlan] = field(default_factory=list)
+    shards: list[ShardPlan]  # in index order
+
+    @property
+    def models(self) -> list[str]:
+        """The models named in the file, in order of first appearance (a model's first shard comes first)."""
+        return list(dict.fromkeys(shard.model for shard in self.shards))
 
 
 def shard_key(batch_id: str, index: int) -> str:
@@ -88,7 +92,7 @@ def validate_and_shard(*, store: Store, settings: Settings, input_key: str, endp
             shards = writer.upload(store=store, batch_id=batch_id)
         finally:
             writer.close_all()
-        return ValidatedInput(total=total, models=list(writer.models), shards=shards)
+        return ValidatedInput(total=total, shards=shards)
 
 
 def _validate_lines(stream: BinaryIO, *, settings: Settings, endpoint: str, writer: _ShardSpool) -> int:
@@ -109,13 +113,13 @@ def _validate_lines(stream: BinaryIO, *, settings: Settings, endpoint: str, writ
                                     f"{settings.max_batch_requests} requests, the most one batch may hold",
                                     None, number))
             break
-        request, error = _check_line(raw, number, endpoint=endpoint, settings=settings, seen_ids=seen_ids)
-        if error is not None:
-            errors.append(error)
+        checked = _check_line(raw, number, endpoint=endpoint, settings=settings, seen_ids=seen_ids)
+        if isinstance(checked, LineError):
+            errors.append(checked)
             if len(errors) >= MAX_REPORTED_ERRORS:
                 break
         elif not errors:
-            writer.add(number, request)
+            writer.add(number, checked)
     if not errors and total == 0:
         errors.append(LineError("empty_file", "The input file holds no requests", None, None))
     if errors:
@@ -124,11 +128,11 @@ def _validate_lines(stream: BinaryIO, *, settings: Settings, endpoint: str, writ
 
 
 def _check_line(raw: bytes, number: int, *, endpoint: str, settings: Settings,
-                seen_ids: set[str]) -> tuple[dict[str, Any], LineError | None]:
-    """The parsed request and None, or the line's first error."""
+                seen_ids: set[str]) -> dict[str, Any] | LineError:
+    """The parsed request, or the line's first error."""
 
-    def fail(code: str, param: str | None, what: str) -> tuple[dict[str, Any], LineError]:
-        return {}, LineError(code, f"Line {number}: {what}", param, number)
+    def fail(code: str, param: str | None, what: str) -> LineError:
+        return LineError(code, f"Line {number}: {what}", param, number)
 
     try:
         text = raw.decode("utf-8")
@@ -161,7 +165,7 @@ def _check_line(raw: bytes, number: int, *, endpoint: str, settings: Settings,
     if body_error is not None:
         code, param, what = body_error
         return fail(code, param, what)
-    return request, None
+    return request
 
 
 def _check_body(body: dict[str, Any], *, endpoint: str, settings: Settings) -> tuple[str, str, str] | None:
@@ -222,47 +226,56 @@ def _check_sampling(body: dict[str, Any], *, context_length: int) -> tuple[str, 
     return None
 
 
+@dataclass
+class _SpooledShard:
+    """A shard's lines in a local file, waiting for the whole input to pass validation."""
+
+    index: int  # the shard's index within the batch, in order of creation
+    model: str
+    file: BinaryIO  # open for writing until the shard is full or the input ends
+    lines: int = 0
+
+
 class _ShardSpool:
     """Per-model shard files in a local temporary directory, uploaded only once the file is valid."""
 
     def __init__(self, directory: Path, shard_size: int) -> None:
         self.directory = directory
         self.shard_size = max(1, shard_size)
-        self.models: dict[str, None] = {}  # ordered set
-        self.open: dict[str, tuple[int, BinaryIO, int]] = {}  # model -> (index, file, lines so far)
-        self.closed: list[tuple[int, str, int]] = []  # (index, model, lines)
-        self.next_index = 0
+        self.filling: dict[str, _SpooledShard] = {}  # model -> its shard still taking lines
+        self.full: list[_SpooledShard] = []  # closed shards
+
+    def _path(self, index: int) -> Path:
+        return self.directory / f"{index:05d}.jsonl"
 
     def add(self, number: int, request: dict[str, Any]) -> None:
         model = request["body"]["model"]
-        self.models.setdefault(model, None)
-        if model not in self.open:
-            index = self.next_index
-            self.next_index += 1
-            self.open[model] = (index, open(self.directory / f"{index:05d}.jsonl", "wb"), 0)  # noqa: SIM115
-        index, out, count = self.open[model]
+        shard = self.filling.get(model)
+        if shard is None:
+            index = len(self.filling) + len(self.full)
+            shard = self.filling[model] = _SpooledShard(index, model, open(self._path(index), "wb"))  # noqa: SIM115
         line = {"line": number, "custom_id": request["custom_id"], "body": request["body"]}
-        out.write(json.dumps(line, ensure_ascii=False, separators=(",", ":")).encode() + b"\n")
-        count += 1
-        self.open[model] = (index, out, count)
-        if count == self.shard_size:
+        shard.file.write(json.dumps(line, ensure_ascii=False, separators=(",", ":")).encode() + b"\n")
+        shard.lines += 1
+        if shard.lines == self.shard_size:
             self._close(model)
 
     def _close(self, model: str) -> None:
-        index, out, count = self.open.pop(model)
-        out.close()
-        self.closed.append((index, model, count))
+        shard = self.filling.pop(model)
+        shard.file.close()
+        self.full.append(shard)
 
     def close_all(self) -> None:
-        for model in list(self.open):
+        for model in list(self.filling):
             self._close(model)
 
     def upload(self, *, store: Store, batch_id: str) -> list[ShardPlan]:
+        """Stores every shard; the plans in index order."""
         self.close_all()
         plans = []
-        for index, model, count in sorted(self.closed):
-            key = shard_key(batch_id, index)
-            with open(self.directory / f"{index:05d}.jsonl", "rb") as spooled:
+        for shard in sorted(self.full, key=lambda spooled: spooled.index):
+            key = shard_key(batch_id, shard.index)
+            with open(self._path(shard.index), "rb") as spooled:
                 store.put_stream(key, spooled)
-            plans.append(ShardPlan(index=index, model=model, input_key=key, request_count=count))
+            plans.append(ShardPlan(index=shard.index, model=shard.model, input_key=key, request_count=shard.lines))
         return plans
