@@ -17,8 +17,11 @@ from kernels.attention_prefill import prefill_attention_reference, prefill_atten
 from kernels.sampling import SamplingMetadata, sample_reference, sample_triton
 from kernels.sampling import triton as _triton
 
-# Head dims the attention kernels are built and compiled ahead of time for; others run the reference.
+# Head dims and (on CUDA) dtypes the attention kernels are built and compiled ahead of time for; others
+# run the reference. fp32 is left out: the prefill tiles at head_dim 128 would need 256 KiB of shared
+# memory (sm_90 has 227), and tl.dot would round fp32 inputs to tf32.
 TRITON_HEAD_DIMS = (64, 128)
+TRITON_ATTENTION_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def use_triton(t: torch.Tensor) -> bool:
@@ -27,6 +30,12 @@ def use_triton(t: torch.Tensor) -> bool:
     if _triton is None or mode == "reference":
         return False
     return t.is_cuda or mode == "interpret"
+
+
+def use_triton_attention(q: torch.Tensor) -> bool:
+    """use_triton for attention on q [..., H, D]: a built head dim and, on CUDA, a built dtype (the CPU
+    interpreter runs any float dtype, bf16 upcast)."""
+    return use_triton(q) and q.shape[-1] in TRITON_HEAD_DIMS and (q.dtype in TRITON_ATTENTION_DTYPES or not q.is_cuda)
 
 
 def sample(logits: torch.Tensor, meta: SamplingMetadata) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -44,7 +53,7 @@ def prefill_attention(
 
     max_seqlen (longest sequence in the packing), when given, saves the Triton path a device sync.
     """
-    if use_triton(q) and q.shape[-1] in TRITON_HEAD_DIMS:
+    if use_triton_attention(q):
         return prefill_attention_triton(
             q, k, v, cu_seqlens, k_cache, v_cache, block_tables, sm_scale, max_seqlen=max_seqlen
         )
@@ -59,7 +68,7 @@ def decode_attention(
 
     max_seq_len (largest seq_lens entry), when given, saves the Triton path a device sync.
     """
-    if use_triton(q) and q.shape[-1] in TRITON_HEAD_DIMS:
+    if use_triton_attention(q):
         return decode_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, sm_scale, max_seq_len=max_seq_len)
     return decode_attention_reference(q, k_cache, v_cache, block_tables, seq_lens, sm_scale)
 

@@ -175,6 +175,22 @@ def test_dispatch_runs_triton_on_cpu_only_when_asked(monkeypatch):
     assert calls == [1]
 
 
+def test_dispatch_keeps_cuda_fp32_attention_on_the_reference(monkeypatch):
+    """On CUDA only the built dtypes run Triton: fp32 prefill tiles at D=128 outgrow sm_90's shared memory."""
+    from types import SimpleNamespace
+
+    from kernels.dispatch import use_triton_attention
+
+    def cuda_q(dtype, head_dim=128):
+        return SimpleNamespace(is_cuda=True, dtype=dtype, shape=(3, 8, head_dim))
+
+    assert use_triton_attention(cuda_q(torch.bfloat16)) and use_triton_attention(cuda_q(torch.float16))
+    assert not use_triton_attention(cuda_q(torch.float32))
+    assert not use_triton_attention(cuda_q(torch.bfloat16, head_dim=96))
+    monkeypatch.setenv("GENQ_KERNELS", "interpret")
+    assert use_triton_attention(torch.zeros(3, 8, 128))  # the CPU interpreter runs fp32
+
+
 def test_dispatch_interpret_matches_reference(monkeypatch):
     monkeypatch.setenv("GENQ_KERNELS", "interpret")
     gen = torch.Generator().manual_seed(12)
