@@ -120,6 +120,8 @@ def create_batch(*, session: Session, store: Store, settings: Settings, tenant_i
                 NewShard(index=s.index, model=s.model, queue=queue_for_model(s.model), input_key=s.input_key,
                          request_count=s.request_count) for s in plan.shards])
     except IntegrityError:
+        for shard in plan.shards:  # no row will ever name them: the twin's batch is the one that stands
+            store.delete(shard.input_key)
         existing = _replay(session=session, tenant_id=tenant_id, key=idempotency_key or "", fingerprint=fingerprint)
         if existing is None:
             raise

@@ -77,3 +77,27 @@ def test_overlong_line_stops_validation(session, store, settings, tenant, monkey
         create_batch(session=session, store=store, settings=settings, tenant_id=tenant.id, input_file_id=file_id,
                      endpoint="/v1/chat/completions")
     assert (info.value.code, info.value.extra["line"]) == ("line_too_long", 2)
+
+
+def test_idempotency_race_returns_the_twin_and_removes_its_own_shards(session, store, settings, tenant,
+                                                                      monkeypatch) -> None:
+    from api import batch_service
+
+    file_id = upload(session, store, tenant.id, [chat_line("a"), chat_line("b")])
+    create = {"session": session, "store": store, "settings": settings, "tenant_id": tenant.id,
+              "input_file_id": file_id, "endpoint": "/v1/chat/completions", "idempotency_key": "k1",
+              "fingerprint": "f1"}
+    twin, _ = create_batch(**create)
+    session.commit()
+    real_lookup, lookups = batch_service.get_batch_by_idempotency_key, []
+
+    def first_lookup_misses(**kwargs):  # as if the twin committed just after our pre-check
+        lookups.append(kwargs)
+        return None if len(lookups) == 1 else real_lookup(**kwargs)
+
+    monkeypatch.setattr(batch_service, "get_batch_by_idempotency_key", first_lookup_misses)
+    batch, shards = create_batch(**create)
+    assert batch.id == twin.id and shards == [] and len(lookups) == 2
+    stored = sorted(path.relative_to(store.root / "batches").parts[0]
+                    for path in (store.root / "batches").rglob("*.jsonl"))
+    assert stored == [twin.id]
