@@ -67,7 +67,7 @@ if triton is not None:
 
     @triton.jit
     def _gumbel(row_key, idx):
-        """g = -log(-log(u)), u = rand(row_key, vocab index), as gumbel_noise_reference."""
+        """g = -log(-log(u)), u = rand(row_key, vocab index), as _gumbel_reference."""
         u = tl.rand(row_key[:, None], idx)  # [ROWS, BLOCK_V]
         u = tl.maximum(u, 4.66e-10)
         return -tl.log(-tl.log(u))
@@ -409,13 +409,8 @@ def apply_top_k_top_p_min_p_reference(logits: torch.Tensor, meta: SamplingMetada
     return logits.masked_fill(~keep, float("-inf"))
 
 
-def gumbel_noise_reference(meta: SamplingMetadata, vocab: int, device: torch.device) -> torch.Tensor:
-    """Gumbel noise [B, V]: g = -log(-log(u)), u = rand(randint(seed, position), vocab index)."""
-    row_key = philox_randint(meta.seed.to(device), meta.position.to(device))  # [B]
-    return _gumbel_reference(row_key[:, None], torch.arange(vocab, device=device)[None, :])
-
-
 def _gumbel_reference(row_key: torch.Tensor, vocab_index: torch.Tensor) -> torch.Tensor:
+    """Gumbel noise g = -log(-log(u)), u = rand(row_key, vocab index); row_key = randint(seed, position)."""
     u = philox_uniform(row_key, vocab_index).clamp(min=_MIN_UNIFORM)
     return -torch.log(-torch.log(u))
 
@@ -423,7 +418,7 @@ def _gumbel_reference(row_key: torch.Tensor, vocab_index: torch.Tensor) -> torch
 def _gumbel_argmax_reference(x: torch.Tensor, row_key: torch.Tensor) -> torch.Tensor:
     """argmax(x + g) per row of filtered logits x [R, V], drawing noise only where x is finite.
 
-    Equal to argmax(x + gumbel_noise_reference(...)): filtered entries are -inf either way, and the
+    Equal to argmax(x + g) with noise g drawn for every entry: filtered entries are -inf either way, and the
     noise of an entry depends only on (row_key, vocabulary index). Philox on the CPU costs ~150
     integer ops per entry, so after top-p (tens of survivors) this is ~1000x less work.
     """
