@@ -21,7 +21,7 @@ import torch
 
 import kernels
 from workers.runtime.errors import ContextLengthError
-from workers.runtime.kv_cache import DEFAULT_BLOCK_SIZE, BlockAllocator, KVCache, block_table_tensor
+from workers.runtime.kv_cache import DEFAULT_BLOCK_SIZE, BlockAllocator, KVCache, block_table_tensor, blocks_for
 from workers.runtime.model import ForwardBatch, Transformer
 from workers.runtime.tokenizer import IncrementalDetokenizer, Tokenizer
 from workers.runtime.types import GenerationRequest, GenerationResult
@@ -101,7 +101,7 @@ class Generator:
             raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
 
     def _blocks_needed(self, request: GenerationRequest) -> int:
-        return -(-(len(request.prompt_token_ids) + request.params.max_tokens) // self.block_size)
+        return blocks_for(len(request.prompt_token_ids) + request.params.max_tokens, self.block_size)
 
     def _ensure_cache(self, num_blocks: int) -> KVCache:
         """The cache, grown to num_blocks if smaller, with every block free (a call that raised leaves none)."""

@@ -50,7 +50,12 @@ class KVCache:
 
     def blocks_for(self, tokens: int) -> int:
         """Blocks that hold `tokens` positions."""
-        return -(-tokens // self.block_size)
+        return blocks_for(tokens, self.block_size)
+
+
+def blocks_for(tokens: int, block_size: int) -> int:
+    """Blocks of block_size that hold `tokens` positions: ceil(tokens / block_size)."""
+    return -(-tokens // block_size)
 
 
 def block_table_tensor(tables: list[list[int]], device: torch.device) -> torch.Tensor:

@@ -94,10 +94,6 @@ class Tokenizer:
         self.token_bytes = token_bytes  # [V] raw bytes of each id; b"" for control tokens
         self.special = special
 
-    @property
-    def vocab_size(self) -> int:
-        return len(self.token_bytes)
-
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         """Token ids of text; bos is prepended when add_bos (default: the checkpoint's add_bos_token)."""
         ids = self.backend.encode(text, add_special_tokens=False).ids
