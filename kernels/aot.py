@@ -41,9 +41,14 @@ class KernelBuild:
 
 def kernel_builds() -> list[KernelBuild]:
     """Every specialisation the CUDA launchers use (dtypes x head dims x split on/off)."""
+    import torch
+
     from kernels.attention_decode import CUDA_DECODE_CONFIG, MAX_SPLITS
     from kernels.attention_prefill import CUDA_PREFILL_CONFIGS
+    from kernels.dispatch import TRITON_ATTENTION_DTYPES, TRITON_HEAD_DIMS
     from kernels.sampling import CUDA_SAMPLING_CONFIG
+
+    triton_dtype = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
     builds = []
     cfg = CUDA_SAMPLING_CONFIG
@@ -61,8 +66,9 @@ def kernel_builds() -> list[KernelBuild]:
                 {"num_warps": cfg.num_warps, "enable_fp_fusion": False},
             )
         )
-    for dtype in ("bf16", "fp16"):
-        for head_dim, pcfg in CUDA_PREFILL_CONFIGS.items():
+    for dtype in (triton_dtype[d] for d in TRITON_ATTENTION_DTYPES):
+        for head_dim in TRITON_HEAD_DIMS:  # the ones dispatch sends to the kernels
+            pcfg = CUDA_PREFILL_CONFIGS[head_dim]
             pointers = {n: dtype for n in ("q_ptr", "k_ptr", "v_ptr", "out_ptr", "k_cache_ptr", "v_cache_ptr")}
             pointers |= {"cu_seqlens_ptr": "i32", "block_tables_ptr": "i32"}
             builds.append(
