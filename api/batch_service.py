@@ -65,13 +65,13 @@ def check_metadata(metadata: dict[str, Any] | None) -> None:
                                  code="invalid_value")
 
 
-def save_file(*, session: Session, store: Store, tenant_id: str, fileobj: IO[bytes] | BinaryIO, filename: str,
-              purpose: str = "batch", expires_at: int | None = None) -> File:
-    """Streams fileobj into storage and records it as a new file of the tenant (what `genq run` uploads)."""
+def _save_file(*, session: Session, store: Store, tenant_id: str, fileobj: IO[bytes] | BinaryIO,
+               filename: str) -> File:
+    """Streams fileobj into storage and records it as a new batch-purpose file of the tenant."""
     file_id = new_file_id()
     size = store.put_stream(file_storage_key(file_id), fileobj)
-    return create_file(session=session, tenant_id=tenant_id, file_id=file_id, filename=filename, purpose=purpose,
-                       size=size, expires_at=expires_at)
+    return create_file(session=session, tenant_id=tenant_id, file_id=file_id, filename=filename, purpose="batch",
+                       size=size)
 
 
 def request_fingerprint(body: dict[str, Any]) -> str:
@@ -162,8 +162,8 @@ def retry_failed(*, session: Session, store: Store, settings: Settings, tenant_i
             raise InvalidRequest(f"batch {batch_id!r} has no failed or unfinished requests to retry",
                                  code="nothing_to_retry")
         buffer.seek(0)
-        retry_file = save_file(session=session, store=store, tenant_id=tenant_id, fileobj=buffer,
-                               filename=f"{batch_id}_retry.jsonl", purpose="batch")
+        retry_file = _save_file(session=session, store=store, tenant_id=tenant_id, fileobj=buffer,
+                                filename=f"{batch_id}_retry.jsonl")
     return create_batch(session=session, store=store, settings=settings, tenant_id=tenant_id,
                         input_file_id=retry_file.id, endpoint=source.endpoint,
                         completion_window=completion_window or source.completion_window,

@@ -74,7 +74,7 @@ async def upload_file(request: Request, tenant_id: TenantDep, session: SessionDe
 
     def record() -> File:
         row = create_file(session=session, tenant_id=tenant_id, file_id=file_id, filename=upload.filename,
-                          purpose=purpose, size=upload.size, storage_key=key, expires_at=expires_at)
+                          purpose=purpose, size=upload.size, expires_at=expires_at)
         session.commit()
         return row
 
