@@ -164,8 +164,10 @@ def decode_attention_triton(
         raise RuntimeError("decode_attention_triton needs triton")
     batch, q_heads, head_dim = q.shape
     kv_heads = k_cache.shape[2]
-    if q_heads % kv_heads or k_cache.shape[3] != head_dim or k_cache.stride() != v_cache.stride():
-        raise ValueError("q [B, Hq, D] and caches [num_blocks, block_size, Hkv, D] with equal strides expected")
+    if (q_heads % kv_heads or k_cache.shape[3] != head_dim or k_cache.stride() != v_cache.stride()
+            or k_cache.stride(3) != 1):  # the kernel steps through D in units
+        raise ValueError("q [B, Hq, D] and caches [num_blocks, block_size, Hkv, D] with equal strides, unit in D, "
+                         "expected")
     if not q.is_cuda and torch.bfloat16 in (q.dtype, k_cache.dtype):  # no bf16 arithmetic in the interpreter
         out = decode_attention_triton(
             q.float(),

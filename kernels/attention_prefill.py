@@ -176,8 +176,8 @@ def prefill_attention_triton(
         raise ValueError(f"unsupported heads/head_dim: {q_heads=} {kv_heads=} {head_dim=}")
     if q.is_cuda and q.dtype not in (torch.bfloat16, torch.float16):  # fp32 tiles outgrow shared memory
         raise ValueError(f"prefill_attention_triton runs bf16/fp16 on CUDA, not {q.dtype}")
-    if k_cache.shape[2:] != (kv_heads, head_dim) or k_cache.stride() != v_cache.stride():
-        raise ValueError("k_cache/v_cache must be [num_blocks, block_size, kv_heads, D] with equal strides")
+    if k_cache.shape[2:] != (kv_heads, head_dim) or k_cache.stride() != v_cache.stride() or k_cache.stride(3) != 1:
+        raise ValueError("k_cache/v_cache must be [num_blocks, block_size, kv_heads, D] with equal strides, unit in D")
     if not q.is_cuda and torch.bfloat16 in (q.dtype, k_cache.dtype):
         # The interpreter cannot do bf16 arithmetic: run in fp32 and write back.
         k32, v32 = k_cache.float(), v_cache.float()

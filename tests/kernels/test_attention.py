@@ -157,6 +157,19 @@ def test_decode_bf16_is_upcast_in_interpreter():
     run_decode([20, 33], 4, 2, 64, 16, torch.bfloat16, num_splits=2)
 
 
+def test_caches_strided_in_head_dim_are_refused():
+    """Both kernels index the cache's D axis with unit steps; a cache that is not laid out so is an error."""
+    k_cache = torch.zeros(4, 16, 64, 2).transpose(2, 3)  # [num_blocks, block_size, Hkv, D], D stride 2
+    v_cache = torch.zeros(4, 16, 64, 2).transpose(2, 3)
+    table = torch.zeros(1, 4, dtype=torch.int32)
+    q = torch.zeros(1, 4, 64)
+    with pytest.raises(ValueError, match="unit in D"):
+        decode_attention_triton(q, k_cache, v_cache, table, torch.tensor([5], dtype=torch.int32), 0.125)
+    cu_seqlens = torch.tensor([0, 1], dtype=torch.int32)
+    with pytest.raises(ValueError, match="unit in D"):
+        prefill_attention_triton(q, q[:, :2], q[:, :2], cu_seqlens, k_cache, v_cache, table, 0.125)
+
+
 # --- dispatch ----------------------------------------------------------------------------------
 
 
