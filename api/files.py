@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import suppress
 from typing import Annotated, Literal
 from urllib.parse import quote
 
@@ -33,7 +34,7 @@ UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-dat
                                    "maximum": MAX_EXPIRY_SECONDS}}}}}}}
 
 
-def upload_expiry(fields: dict[str, str]) -> tuple[str, int | None]:
+def upload_purpose_and_expiry(fields: dict[str, str]) -> tuple[str, int | None]:
     """(purpose, expires_at) from the upload's text fields, or InvalidRequest."""
     purpose = fields.get("purpose")
     if not purpose:
@@ -45,7 +46,9 @@ def upload_expiry(fields: dict[str, str]) -> tuple[str, int | None]:
     seconds = fields.get("expires_after[seconds]")
     if seconds is None:
         return purpose, None
-    if fields.get("expires_after[anchor]", "created_at") != "created_at" or not seconds.isdigit() \
+    # isascii: str.isdigit() also accepts digits such as "³" that int() rejects
+    if fields.get("expires_after[anchor]", "created_at") != "created_at" \
+            or not (seconds.isascii() and seconds.isdigit()) \
             or not MIN_EXPIRY_SECONDS <= int(seconds) <= MAX_EXPIRY_SECONDS:
         raise InvalidRequest(f"expires_after needs anchor 'created_at' and {MIN_EXPIRY_SECONDS} to "
                              f"{MAX_EXPIRY_SECONDS} seconds.", param="expires_after", code="invalid_value")
@@ -66,19 +69,20 @@ async def upload_file(request: Request, tenant_id: TenantDep, session: SessionDe
     file_id = new_file_id()
     key = file_storage_key(file_id)
     upload = await receive_upload(request, store=store, key=key, limit=settings.max_file_bytes)
-    try:
-        purpose, expires_at = upload_expiry(upload.fields)
-    except InvalidRequest:
-        await run_in_threadpool(store.delete, key)
-        raise
 
     def record() -> File:
+        purpose, expires_at = upload_purpose_and_expiry(upload.fields)
         row = create_file(session=session, tenant_id=tenant_id, file_id=file_id, filename=upload.filename,
                           purpose=purpose, size=upload.size, expires_at=expires_at)
         session.commit()
         return row
 
-    return FileObject.from_row(await run_in_threadpool(record))
+    try:
+        return FileObject.from_row(await run_in_threadpool(record))
+    except Exception:
+        with suppress(StorageError):  # the client gets the original error
+            await run_in_threadpool(store.delete, key)  # no row names these bytes
+        raise
 
 
 @router.get("/files", response_model=FileList)

@@ -80,3 +80,25 @@ def test_upload_expiry(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError):
         client.files.create(file=("a.jsonl", b"{}\n"), purpose="batch",
                             expires_after={"anchor": "created_at", "seconds": 5})
+
+
+def test_upload_expiry_that_is_not_an_ascii_number_is_400(client: openai.OpenAI, http, api_key) -> None:
+    response = http.post("/v1/files", headers={"Authorization": f"Bearer {api_key}"},
+                         data={"purpose": "batch", "expires_after[anchor]": "created_at",
+                               "expires_after[seconds]": "3600\u00b3"}, files={"file": ("a.jsonl", b"{}\n")})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "expires_after"
+    assert client.files.list().data == []
+
+
+def test_upload_that_cannot_be_recorded_leaves_no_bytes(client: openai.OpenAI, app, monkeypatch) -> None:
+    from sqlalchemy.exc import OperationalError
+
+    def database_down(**_kwargs):
+        raise OperationalError("INSERT", {}, Exception("connection refused"))
+
+    monkeypatch.setattr("api.files.new_file_id", lambda: "file-notrecorded")
+    monkeypatch.setattr("api.files.create_file", database_down)
+    with pytest.raises(openai.APIStatusError) as info:
+        client.files.create(file=("a.jsonl", b"{}\n"), purpose="batch")
+    assert info.value.status_code == 503
+    assert not app.state.store.exists("files/file-notrecorded")
