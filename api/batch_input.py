@@ -18,7 +18,7 @@ from typing import Any, BinaryIO
 from api.errors import InvalidRequest
 from genq.settings import Settings
 from storage import Store
-from workers.registry import UnknownModelError, get_model
+from workers.registry import list_models
 
 CHAT_ENDPOINT = "/v1/chat/completions"
 COMPLETIONS_ENDPOINT = "/v1/completions"
@@ -99,6 +99,7 @@ def _validate_lines(stream: BinaryIO, *, settings: Settings, endpoint: str, writ
     """Checks every line, spooling valid ones; returns the request count or raises BatchInputInvalid."""
     errors: list[LineError] = []
     seen_ids: set[str] = set()
+    context_lengths = {spec.id: spec.context_length for spec in list_models(settings)}  # read once, not per line
     total = 0
     for number, raw in enumerate(iter(lambda: stream.readline(MAX_LINE_BYTES + 1), b""), start=1):
         if len(raw) > MAX_LINE_BYTES:  # one request this big is a mistake (a JSON array, a binary file)
@@ -113,7 +114,7 @@ def _validate_lines(stream: BinaryIO, *, settings: Settings, endpoint: str, writ
                                     f"{settings.max_batch_requests} requests, the most one batch may hold",
                                     None, number))
             break
-        checked = _check_line(raw, number, endpoint=endpoint, settings=settings, seen_ids=seen_ids)
+        checked = _check_line(raw, number, endpoint=endpoint, context_lengths=context_lengths, seen_ids=seen_ids)
         if isinstance(checked, LineError):
             errors.append(checked)
             if len(errors) >= MAX_REPORTED_ERRORS:
@@ -127,7 +128,7 @@ def _validate_lines(stream: BinaryIO, *, settings: Settings, endpoint: str, writ
     return total
 
 
-def _check_line(raw: bytes, number: int, *, endpoint: str, settings: Settings,
+def _check_line(raw: bytes, number: int, *, endpoint: str, context_lengths: dict[str, int],
                 seen_ids: set[str]) -> dict[str, Any] | LineError:
     """The parsed request, or the line's first error."""
 
@@ -161,15 +162,16 @@ def _check_line(raw: bytes, number: int, *, endpoint: str, settings: Settings,
     body = request["body"]
     if not isinstance(body, dict):
         return fail("invalid_value", "body", "body must be a JSON object")
-    body_error = _check_body(body, endpoint=endpoint, settings=settings)
+    body_error = _check_body(body, endpoint=endpoint, context_lengths=context_lengths)
     if body_error is not None:
         code, param, what = body_error
         return fail(code, param, what)
     return request
 
 
-def _check_body(body: dict[str, Any], *, endpoint: str, settings: Settings) -> tuple[str, str, str] | None:
-    """(code, param, message) for the body's first problem, or None."""
+def _check_body(body: dict[str, Any], *, endpoint: str,
+                context_lengths: dict[str, int]) -> tuple[str, str, str] | None:
+    """(code, param, message) for the body's first problem, or None; context_lengths: model id -> tokens."""
     if body.get("stream") is True:
         return "streaming_unsupported", "body.stream", "stream=true is not supported in a batch"
     model_id = body.get("model")
@@ -177,9 +179,8 @@ def _check_body(body: dict[str, Any], *, endpoint: str, settings: Settings) -> t
         return "missing_required_parameter", "body.model", "missing required parameter 'body.model'"
     if not isinstance(model_id, str):
         return "invalid_value", "body.model", "body.model must be a string"
-    try:
-        context_length = get_model(model_id, settings).context_length
-    except UnknownModelError:
+    context_length = context_lengths.get(model_id)
+    if context_length is None:
         return "model_not_found", "body.model", f"model {model_id!r} does not exist (GET /v1/models lists them)"
     if endpoint == CHAT_ENDPOINT:
         messages = body.get("messages")
