@@ -24,19 +24,21 @@ def queue_for_model(model_id: str) -> str:
 def enqueue_shards(settings: Settings, shards: list[tuple[int, str]]) -> int:
     """Sends one "genq.run_shard" message per (shard_id, queue); returns how many were published.
 
-    Never raises for broker errors: unsent shards stay queued and the reaper re-sends them.
+    Never raises for broker errors: the first failed publish (after the publish retry policy) ends the
+    loop, since each further one would wait out the same retries; unsent shards stay queued and the
+    reaper re-sends them.
     """
     if not shards or not settings.broker_url:
         return 0  # embedded mode: `genq run` executes shards in-process
     app = celery_app_for(settings)
-    sent = 0
-    for shard_id, queue in shards:
+    for sent, (shard_id, queue) in enumerate(shards):
         try:
             app.send_task(RUN_SHARD_TASK, args=[shard_id], queue=queue)
-            sent += 1
         except Exception as exc:  # kombu raises OperationalError and friends; the reaper recovers
-            log.warning("could not publish shard %s to %s (the reaper will retry): %s", shard_id, queue, exc)
-    return sent
+            log.warning("could not publish shard %s to %s; %d shard(s) left for the reaper: %s", shard_id, queue,
+                        len(shards) - sent, exc)
+            return sent
+    return len(shards)
 
 
 def queue_depths(settings: Settings, queues: Iterable[str]) -> dict[str, int] | None:
