@@ -89,5 +89,6 @@ def celery_app_for(settings: Settings) -> Celery:
         return _apps[key]
 
 
-# What `celery -A workers.celery_app` and `genq worker` run.
-app = create_celery_app(get_settings())
+# What `celery -A workers.celery_app` and `genq worker` run; celery_app_for(settings) hands out this
+# same app (and its broker connection pool) for the environment's settings.
+app = celery_app_for(get_settings())
