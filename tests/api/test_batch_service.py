@@ -13,17 +13,12 @@ from api.errors import InvalidRequest, NotFound
 from db.batches import list_shards
 from db.files import create_file, file_storage_key, new_file_id
 from db.models import BatchStatus, ShardStatus
-from tests.api.conftest import SECOND_MODEL
+from tests.api.conftest import SECOND_MODEL, chat_line, jsonl
 from workers.registry import BUNDLED_MODEL_ID
 
 
-def chat_line(custom_id: str, model: str = BUNDLED_MODEL_ID, **body) -> dict:
-    return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
-            "body": {"model": model, "messages": [{"role": "user", "content": custom_id}], **body}}
-
-
 def upload(session, store, tenant_id: str, lines: list) -> str:
-    data = b"".join((json.dumps(x) if not isinstance(x, bytes) else x.decode()).encode() + b"\n" for x in lines)
+    data = jsonl(lines)
     file_id = new_file_id()
     store.put_stream(file_storage_key(file_id), io.BytesIO(data))
     create_file(session=session, tenant_id=tenant_id, file_id=file_id, filename="in.jsonl", purpose="batch",
