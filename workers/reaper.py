@@ -51,13 +51,12 @@ def reap(settings: Settings) -> ReapReport:
     url = settings.resolved_database_url()
     report = ReapReport()
     with session_scope(url) as session:
-        redispatch, failed_batches = requeue_expired_leases(session=session, max_attempts=settings.max_attempts)
-    redispatch += _lost_messages(settings)
+        expired, failed_batches = requeue_expired_leases(session=session, max_attempts=settings.max_attempts)
     report.failed_shards = len(failed_batches)
-    if redispatch:
-        enqueue_shards(settings, [(r.shard_id, r.queue) for r in redispatch])
-        report.redispatched = [r.shard_id for r in redispatch]
-        log.info("reaper re-sent shards %s", report.redispatched)
+    # Sent first: _lost_messages compares the queued shards with the broker's queue depth, which must
+    # already hold these shards' new messages, or as many intact ones would be sent a second time.
+    _redispatch(settings, expired, report)
+    _redispatch(settings, _lost_messages(settings), report)
 
     now = int(time.time())
     with session_scope(url) as session:
@@ -87,6 +86,13 @@ def reap(settings: Settings) -> ReapReport:
         if refinalize_stale(settings, batch_id, settings.finalizing_stale_seconds):
             report.finalized_batches.append(batch_id)
     return report
+
+
+def _redispatch(settings: Settings, shards: list[Redispatch], report: ReapReport) -> None:
+    if shards:
+        enqueue_shards(settings, [(r.shard_id, r.queue) for r in shards])
+        report.redispatched += [r.shard_id for r in shards]
+        log.info("reaper re-sent shards %s", [r.shard_id for r in shards])
 
 
 def _lost_messages(settings: Settings) -> list[Redispatch]:

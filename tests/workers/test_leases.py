@@ -166,3 +166,28 @@ def test_reaper_resends_queued_shards_whose_message_is_lost(settings, make_batch
         assert reap(settings).redispatched == []  # touched: not re-sent again until another period passes
     finally:
         broker.delete(queue)
+
+
+def test_reaper_does_not_duplicate_a_message_for_a_shard_it_just_requeued(settings, make_batch, redis_url):
+    import redis
+
+    from workers.dispatch import enqueue_shards
+
+    settings = settings.model_copy(update={"broker_url": redis_url})
+    made = make_batch([chat_line(f"r{i}", "hi") for i in range(5)])  # two shards on one queue
+    waiting, expired = made.shard_ids
+    queue = _shard(settings, waiting).queue
+    broker = redis.Redis.from_url(redis_url)
+    broker.delete(queue)
+    try:
+        enqueue_shards(settings, [(waiting, queue)])  # its message is intact, but it has waited long
+        with session_scope(settings.database_url) as session:
+            session.execute(update(Shard).where(Shard.id == waiting).values(updated_at=time.time() - 10_000))
+        assert _claim(settings, expired) == 1
+        _expire_lease(settings, expired)
+        # The expired shard's new message must count before the queue depth is compared with the queued
+        # shards; otherwise the waiting shard looks lost too and gets a second message.
+        assert reap(settings).redispatched == [expired]
+        assert broker.llen(queue) == 2
+    finally:
+        broker.delete(queue)
