@@ -59,8 +59,7 @@ def list_tenant_batches(tenant_id: TenantDep, session: SessionDep, after: str | 
                         limit: Annotated[int, Query(ge=1, le=100)] = 20) -> BatchList:
     """A page of the tenant's batches, newest first."""
     rows, has_more = list_batches(session=session, tenant_id=tenant_id, after=after, limit=limit)
-    return BatchList(data=[batch_object(session, row) for row in rows], first_id=rows[0].id if rows else None,
-                     last_id=rows[-1].id if rows else None, has_more=has_more)
+    return BatchList(data=[batch_object(session, row) for row in rows], has_more=has_more)
 
 
 @router.post("/batches/{batch_id}/cancel", response_model=BatchObject)

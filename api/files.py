@@ -92,9 +92,7 @@ def list_tenant_files(tenant_id: TenantDep, session: SessionDep, after: str | No
     """A page of the tenant's files."""
     rows, has_more = list_files(session=session, tenant_id=tenant_id, after=after, limit=limit, order=order,
                                 purpose=purpose)
-    data = [FileObject.from_row(row) for row in rows]
-    return FileList(data=data, first_id=rows[0].id if rows else None, last_id=rows[-1].id if rows else None,
-                    has_more=has_more)
+    return FileList(data=[FileObject.from_row(row) for row in rows], has_more=has_more)
 
 
 @router.get("/files/{file_id}", response_model=FileObject)

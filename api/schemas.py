@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 from db.batches import RequestCounts
 from db.models import Batch, File
@@ -34,12 +34,26 @@ class FileDeleted(BaseModel):
     deleted: bool = True
 
 
-class FileList(BaseModel):
+class _CursorPage(BaseModel):
+    """A list the SDK pages through with after=<last id>; first_id and last_id follow from data."""
+
     object: Literal["list"] = "list"
-    data: list[FileObject]
-    first_id: str | None
-    last_id: str | None
+    data: list[Any]  # narrowed by each page type to objects with an `id`
     has_more: bool  # always present: without it the SDK pages for as long as data is non-empty
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def first_id(self) -> str | None:
+        return self.data[0].id if self.data else None
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def last_id(self) -> str | None:
+        return self.data[-1].id if self.data else None
+
+
+class FileList(_CursorPage):
+    data: list[FileObject]
 
 
 class BatchError(BaseModel):
@@ -116,12 +130,8 @@ class BatchObject(BaseModel):
             usage=BatchUsage.model_validate(usage) if usage else None, retried_from=row.retried_from)
 
 
-class BatchList(BaseModel):
-    object: Literal["list"] = "list"
+class BatchList(_CursorPage):
     data: list[BatchObject]
-    first_id: str | None
-    last_id: str | None
-    has_more: bool
 
 
 class CreateBatchRequest(BaseModel):
