@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 import torch
@@ -22,8 +20,6 @@ from workers.runtime.gguf_loader import load_gguf
 from workers.runtime.kv_cache import KVCache, block_table_tensor
 from workers.runtime.loader import load_checkpoint
 from workers.runtime.model import ForwardBatch
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 16}
