@@ -10,7 +10,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
-console = Console(stderr=True)
+# soft_wrap: a message is one line however long (paths make it so), not cut at 80 columns when piped.
+console = Console(stderr=True, soft_wrap=True)
 
 EXIT_SYSTEM_FAILURE = 1
 EXIT_INVALID_INPUT = 2
