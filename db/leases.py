@@ -12,13 +12,18 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import ColumnElement, and_, exists, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from db.models import Batch, BatchStatus, RequestOutcome, RequestResult, Shard, ShardStatus
 
 ACTIVE_SHARD_STATUSES = (ShardStatus.QUEUED, ShardStatus.RUNNING)
+
+
+def batch_has_active_shards() -> ColumnElement[bool]:
+    """A condition on the Batch of the enclosing query: it still has a queued or running shard."""
+    return exists().where(Shard.batch_id == Batch.id, Shard.status.in_(ACTIVE_SHARD_STATUSES))
 
 
 def _now() -> float:

@@ -20,12 +20,12 @@ import tempfile
 import time
 from typing import Any
 
-from sqlalchemy import and_, exists, func, select, update
+from sqlalchemy import and_, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from db.batches import usage_body
-from db.leases import ACTIVE_SHARD_STATUSES, ResultRow, cancel_queued_shards, record_unfenced_results
+from db.leases import ResultRow, batch_has_active_shards, cancel_queued_shards, record_unfenced_results
 from db.models import Batch, BatchStatus, File, RequestOutcome, RequestResult, Shard, ShardStatus
 from db.session import session_scope
 from genq.settings import Settings
@@ -55,7 +55,7 @@ def maybe_finalize(settings: Settings, batch_id: str) -> bool:
             return False
         if row.status == BatchStatus.CANCELLING or row.expired_at is not None:
             cancel_queued_shards(session=session, batch_id=batch_id)
-        active = exists().where(Shard.batch_id == Batch.id, Shard.status.in_(ACTIVE_SHARD_STATUSES))
+        active = batch_has_active_shards()
         claimed = session.execute(
             update(Batch)
             .where(Batch.id == batch_id, Batch.status.in_([BatchStatus.IN_PROGRESS, BatchStatus.CANCELLING]), ~active)

@@ -17,17 +17,17 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from sqlalchemy import exists, select, update
+from sqlalchemy import select, update
 
 from db.leases import (
-    ACTIVE_SHARD_STATUSES,
     Redispatch,
+    batch_has_active_shards,
     cancel_queued_shards,
     queued_shard_counts,
     requeue_expired_leases,
     stale_queued_shards,
 )
-from db.models import Batch, BatchStatus, Shard
+from db.models import Batch, BatchStatus
 from db.session import session_scope
 from genq.settings import Settings
 from workers.dispatch import enqueue_shards, queue_depths
@@ -72,7 +72,7 @@ def reap(settings: Settings) -> ReapReport:
                 report.expired_batches.append(batch_id)
 
     with session_scope(url) as session:
-        active = exists().where(Shard.batch_id == Batch.id, Shard.status.in_(ACTIVE_SHARD_STATUSES))
+        active = batch_has_active_shards()
         idle = session.scalars(select(Batch.id).where(
             Batch.status.in_([BatchStatus.IN_PROGRESS, BatchStatus.CANCELLING]),
             (~active) | (Batch.status == BatchStatus.CANCELLING) | Batch.expired_at.is_not(None))).all()
