@@ -15,7 +15,7 @@ from api.batch_service import create_batch, request_fingerprint, retry_failed, t
 from api.deps import SessionDep, SettingsDep, StoreDep
 from api.errors import Conflict, no_such
 from api.schemas import BatchList, BatchObject, CreateBatchRequest
-from db.batches import list_batches, request_cancel, request_counts, result_page, usage_totals
+from db.batches import batch_progress, list_batches, request_cancel, result_page
 from db.models import Batch, BatchStatus, RequestOutcome, Shard
 from db.session import get_sessionmaker
 from genq.settings import Settings
@@ -25,10 +25,16 @@ router = APIRouter(prefix="/v1", tags=["batches"])
 NOT_CANCELLABLE = (BatchStatus.FINALIZING, BatchStatus.COMPLETED, BatchStatus.FAILED, BatchStatus.EXPIRED)
 
 
+def batch_objects(session: Session, batches: list[Batch]) -> list[BatchObject]:
+    """The wire Batches with live request_counts and usage (three queries for the whole list)."""
+    progress = batch_progress(session=session, batches=batches)
+    return [BatchObject.from_row(batch, counts=progress[batch.id][0], usage=progress[batch.id][1])
+            for batch in batches]
+
+
 def batch_object(session: Session, batch: Batch) -> BatchObject:
     """The wire Batch with live request_counts and usage."""
-    return BatchObject.from_row(batch, counts=request_counts(session=session, batch=batch),
-                                usage=usage_totals(session=session, batch=batch))
+    return batch_objects(session, [batch])[0]
 
 
 def _commit_and_enqueue(session: Session, settings: Settings, shards: list[Shard]) -> None:
@@ -59,7 +65,7 @@ def list_tenant_batches(tenant_id: TenantDep, session: SessionDep, after: str | 
                         limit: Annotated[int, Query(ge=1, le=100)] = 20) -> BatchList:
     """A page of the tenant's batches, newest first."""
     rows, has_more = list_batches(session=session, tenant_id=tenant_id, after=after, limit=limit)
-    return BatchList(data=[batch_object(session, row) for row in rows], has_more=has_more)
+    return BatchList(data=batch_objects(session, rows), has_more=has_more)
 
 
 @router.post("/batches/{batch_id}/cancel", response_model=BatchObject)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import defaultdict
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -107,40 +108,60 @@ def list_shards(*, session: Session, batch_id: str) -> list[Shard]:
 
 def request_counts(*, session: Session, batch: Batch) -> RequestCounts:
     """The batch's progress from SQL rows: results by outcome, and unanswered requests by shard status."""
-    shard_requests = dict(session.execute(
-        select(Shard.status, func.sum(Shard.request_count)).where(Shard.batch_id == batch.id).group_by(Shard.status)
-    ).all())
-    answered: dict[tuple[ShardStatus, RequestOutcome], int] = {
-        (status, outcome): count for status, outcome, count in session.execute(
-            select(Shard.status, RequestResult.outcome, func.count())
-            .join(Shard, Shard.id == RequestResult.shard_id)
-            .where(RequestResult.batch_id == batch.id)
-            .group_by(Shard.status, RequestResult.outcome)
-        ).all()
-    }
+    return batch_progress(session=session, batches=[batch])[batch.id][0]
 
+
+def usage_totals(*, session: Session, batch: Batch) -> dict[str, Any]:
+    """OpenAI batch usage: batch.usage once final, else the sum over the result rows so far."""
+    return batch_progress(session=session, batches=[batch])[batch.id][1]
+
+
+def batch_progress(*, session: Session, batches: list[Batch]) -> dict[str, tuple[RequestCounts, dict[str, Any]]]:
+    """batch id -> (request counts, usage) for every batch, in three grouped queries whatever their number."""
+    ids = [batch.id for batch in batches]
+    if not ids:
+        return {}
+    shard_requests: dict[str, dict[ShardStatus, int]] = defaultdict(dict)
+    for batch_id, status, requests in session.execute(
+        select(Shard.batch_id, Shard.status, func.sum(Shard.request_count))
+        .where(Shard.batch_id.in_(ids)).group_by(Shard.batch_id, Shard.status)
+    ):
+        shard_requests[batch_id][status] = int(requests or 0)
+    answered: dict[str, dict[tuple[ShardStatus, RequestOutcome], int]] = defaultdict(dict)
+    for batch_id, status, outcome, count in session.execute(
+        select(RequestResult.batch_id, Shard.status, RequestResult.outcome, func.count())
+        .join(Shard, Shard.id == RequestResult.shard_id)
+        .where(RequestResult.batch_id.in_(ids))
+        .group_by(RequestResult.batch_id, Shard.status, RequestResult.outcome)
+    ):
+        answered[batch_id][(status, outcome)] = count
+    tokens = {batch_id: (int(prompt), int(completion)) for batch_id, prompt, completion in session.execute(
+        select(RequestResult.batch_id, func.coalesce(func.sum(RequestResult.prompt_tokens), 0),
+               func.coalesce(func.sum(RequestResult.completion_tokens), 0))
+        .where(RequestResult.batch_id.in_([b.id for b in batches if b.usage is None]))
+        .group_by(RequestResult.batch_id)
+    )}
+    progress = {}
+    for batch in batches:
+        counts = _counts(batch.request_total, shard_requests[batch.id], answered[batch.id])
+        prompt, completion = tokens.get(batch.id, (0, 0))
+        usage = batch.usage if batch.usage is not None else usage_body(input_tokens=prompt, output_tokens=completion)
+        progress[batch.id] = (counts, usage)
+    return progress
+
+
+def _counts(total: int, shard_requests: dict[ShardStatus, int],
+            answered: dict[tuple[ShardStatus, RequestOutcome], int]) -> RequestCounts:
     def by_outcome(outcome: RequestOutcome) -> int:
         return sum(n for (_, o), n in answered.items() if o == outcome)
 
     def unanswered(status: ShardStatus) -> int:
         done = sum(n for (s, _), n in answered.items() if s == status)
-        return max(0, int(shard_requests.get(status) or 0) - done)
+        return max(0, shard_requests.get(status, 0) - done)
 
-    return RequestCounts(total=batch.request_total, completed=by_outcome(RequestOutcome.SUCCEEDED),
+    return RequestCounts(total=total, completed=by_outcome(RequestOutcome.SUCCEEDED),
                          failed=by_outcome(RequestOutcome.FAILED), in_progress=unanswered(ShardStatus.RUNNING),
                          queued=unanswered(ShardStatus.QUEUED))
-
-
-def usage_totals(*, session: Session, batch: Batch) -> dict[str, Any]:
-    """OpenAI batch usage: batch.usage once final, else the sum over the result rows so far."""
-    if batch.usage is not None:
-        return batch.usage
-    prompt, completion = session.execute(
-        select(func.coalesce(func.sum(RequestResult.prompt_tokens), 0),
-               func.coalesce(func.sum(RequestResult.completion_tokens), 0))
-        .where(RequestResult.batch_id == batch.id)
-    ).one()
-    return usage_body(input_tokens=int(prompt), output_tokens=int(completion))
 
 
 def usage_body(*, input_tokens: int, output_tokens: int) -> dict[str, Any]:
