@@ -115,15 +115,22 @@ def run(
                 progress.update(task, advance=1, tokens=tokens)
 
             while True:
+                # A shard still running here lost its lease (a long SQLite lock, say): run_shard claims it
+                # back once the lease expires, and the attempt cap bounds the retries.
                 with session_scope(url) as session:
-                    queued = list(session.scalars(select(Shard.id).where(
-                        Shard.batch_id == batch_id, Shard.status == ShardStatus.QUEUED).order_by(Shard.index)))
-                if not queued:
+                    unfinished = list(session.scalars(select(Shard.id).where(
+                        Shard.batch_id == batch_id, Shard.status.in_((ShardStatus.QUEUED, ShardStatus.RUNNING)))
+                        .order_by(Shard.index)))
+                if not unfinished:
                     break
-                for shard_id in queued:
+                claimed = False
+                for shard_id in unfinished:
                     outcome = run_shard(settings=settings, shard_id=shard_id, worker_id=worker_id, on_progress=advance)
+                    claimed |= outcome.status != "not_claimed"
                     if outcome.status in ("released", "failed") and outcome.error:
                         console.print(f"[yellow]shard {shard_id} attempt {outcome.attempt}: {outcome.error}[/]")
+                if not claimed:
+                    time.sleep(1.0)  # waiting for a lost lease to expire
             maybe_finalize(settings, batch_id)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted: cancelling; finished requests are kept[/]")
