@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import ColumnElement, and_, exists, func, or_, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from db.models import Batch, BatchStatus, RequestOutcome, RequestResult, Shard, ShardStatus
+from db.session import insert_ignoring_conflicts
 
 ACTIVE_SHARD_STATUSES = (ShardStatus.QUEUED, ShardStatus.RUNNING)
 
@@ -104,13 +104,11 @@ def _insert_results(session: Session, *, batch_id: str, shard_id: int, attempt: 
     """Inserts RequestResult rows; one already stored for (batch, custom_id) is kept (ON CONFLICT DO NOTHING)."""
     if not results:
         return
-    insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
-    stmt = insert(RequestResult).values([{
+    session.execute(insert_ignoring_conflicts(session, RequestResult, [{
         "batch_id": batch_id, "shard_id": shard_id, "custom_id": r.custom_id, "line_number": r.line_number,
         "outcome": r.outcome, "output_line": r.output_line, "prompt_tokens": r.prompt_tokens,
         "completion_tokens": r.completion_tokens, "attempt": attempt, "worker_id": worker_id, "created_at": now,
-    } for r in results])
-    session.execute(stmt.on_conflict_do_nothing(index_elements=["batch_id", "custom_id"]))
+    } for r in results], index_elements=["batch_id", "custom_id"]))
 
 
 def record_result(*, session: Session, batch_id: str, shard_id: int, attempt: int, worker_id: str,
@@ -250,5 +248,14 @@ def cancel_queued_shards(*, session: Session, batch_id: str) -> int:
     result = session.execute(
         update(Shard).where(Shard.batch_id == batch_id, Shard.status == ShardStatus.QUEUED)
         .values(status=ShardStatus.CANCELLED, updated_at=_now())
+    )
+    return result.rowcount
+
+
+def abandon_running_shards(*, session: Session, batch_id: str) -> int:
+    """Running shards of a batch whose only worker is gone (an interrupted `genq run`) become cancelled."""
+    result = session.execute(
+        update(Shard).where(Shard.batch_id == batch_id, Shard.status == ShardStatus.RUNNING)
+        .values(status=ShardStatus.CANCELLED, lease_owner=None, lease_expires_at=None, updated_at=_now())
     )
     return result.rowcount

@@ -6,7 +6,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, Executable, create_engine, event
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
 
@@ -54,3 +55,10 @@ def session_scope(url: str) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+def insert_ignoring_conflicts(session: Session, table: type, rows: list[dict] | dict,
+                              index_elements: list[str]) -> Executable:
+    """INSERT ... ON CONFLICT (index_elements) DO NOTHING, in the session's dialect (PostgreSQL or SQLite)."""
+    insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+    return insert(table).values(rows).on_conflict_do_nothing(index_elements=index_elements)

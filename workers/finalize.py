@@ -21,13 +21,12 @@ import time
 from typing import Any
 
 from sqlalchemy import and_, func, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from db.batches import usage_body
 from db.leases import ResultRow, batch_has_active_shards, cancel_queued_shards, record_unfenced_results
 from db.models import Batch, BatchStatus, File, RequestOutcome, RequestResult, Shard, ShardStatus
-from db.session import session_scope
+from db.session import insert_ignoring_conflicts, session_scope
 from genq.settings import Settings
 from storage import Store, store_from_settings
 from workers.chat import batch_error_line, stable_id
@@ -127,8 +126,7 @@ def _write_lines(session: Session, store: Store, batch_id: str, outcome: Request
 
 
 def _insert_file(session: Session, **values: Any) -> None:
-    insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
-    session.execute(insert(File).values(**values).on_conflict_do_nothing(index_elements=["id"]))
+    session.execute(insert_ignoring_conflicts(session, File, values, index_elements=["id"]))
 
 
 def output_file_id(batch_id: str, kind: str) -> str:

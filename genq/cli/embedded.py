@@ -57,12 +57,13 @@ def run(
     home: Annotated[Path | None, typer.Option(help="Where the embedded database and store live [GENQ_HOME].")] = None,
 ) -> None:
     """Run a batch file here, without servers, and write OpenAI-format results."""
-    from sqlalchemy import select, update
+    from sqlalchemy import select
 
     from api.batch_service import create_batch
     from api.errors import ApiError
     from db.batches import request_cancel
     from db.files import create_file, file_storage_key, new_file_id
+    from db.leases import abandon_running_shards
     from db.migrate import upgrade_to_head
     from db.models import Batch, File, Shard, ShardStatus
     from db.session import session_scope
@@ -137,8 +138,7 @@ def run(
         with session_scope(url) as session:
             request_cancel(session=session, tenant_id=tenant_id, batch_id=batch_id)
             # This process held the running shard; nobody else will finish it.
-            session.execute(update(Shard).where(Shard.batch_id == batch_id, Shard.status == ShardStatus.RUNNING)
-                            .values(status=ShardStatus.CANCELLED, lease_owner=None, lease_expires_at=None))
+            abandon_running_shards(session=session, batch_id=batch_id)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         maybe_finalize(settings, batch_id)
 
