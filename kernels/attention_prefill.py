@@ -30,6 +30,16 @@ _LOG2E = 1.4426950408889634
 if triton is not None:
 
     @triton.jit
+    def _online_softmax_step(qk, v, m_i, l_i, acc):
+        """Folds one K/V tile into the running softmax (base 2): qk [BM, BN] scaled scores, v [BN, D]."""
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+        alpha = tl.exp2(m_i - m_new)  # rescales what was accumulated under the old maximum
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        return m_new, l_i, acc
+
+    @triton.jit
     def _prefill_kernel(
         q_ptr,  # [T, Hq, D]
         k_ptr,  # [T, Hkv, D]
@@ -97,12 +107,7 @@ if triton is not None:
                 k = tl.load(k_ptr + tokens_n[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :])
                 v = tl.load(v_ptr + tokens_n[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :])
                 qk = tl.dot(q, tl.trans(k)) * qk_scale  # [BM, BN]
-                m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-                alpha = tl.exp2(m_i - m_new)
-                p = tl.exp2(qk - m_new[:, None])
-                l_i = l_i * alpha + tl.sum(p, axis=1)
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-                m_i = m_new
+                m_i, l_i, acc = _online_softmax_step(qk, v, m_i, l_i, acc)
             # Diagonal tiles: causal and length masks.
             for start_n in range(tile_start, tl.minimum(tile_start + BLOCK_M, seq_len), BLOCK_N):
                 offs_n = start_n + offs_n0
@@ -121,12 +126,7 @@ if triton is not None:
                 qk = tl.dot(q, tl.trans(k)) * qk_scale
                 visible = (offs_m[:, None] >= offs_n[None, :]) & n_ok[None, :]
                 qk = tl.where(visible, qk, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-                alpha = tl.exp2(m_i - m_new)
-                p = tl.exp2(qk - m_new[:, None])
-                l_i = l_i * alpha + tl.sum(p, axis=1)
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-                m_i = m_new
+                m_i, l_i, acc = _online_softmax_step(qk, v, m_i, l_i, acc)
             out = acc / l_i[:, None]
             tl.store(
                 out_ptr + tokens_m[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
