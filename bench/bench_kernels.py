@@ -3,15 +3,18 @@
     .venv/bin/python bench/bench_kernels.py            # CUDA only; one command, well under 5 minutes
 
 Shapes are the targets of kernels.md: sampling B=256, V=49152 fp32 (S6); causal prefill bf16, D=128,
-32 query / 8 KV heads, 4 x 4096 tokens (A2); paged decode bf16, 256 sequences x 2048 context (A4),
-plus a small-batch long-context decode where split-K matters. Prints one row per case: time, what it
-achieved (GB/s for the memory-bound kernels, TFLOP/s for prefill) and that as a share of the H200's
-4.8 TB/s or 989 dense bf16 TFLOP/s, and the time of each baseline relative to ours (>1: ours faster).
+32 query / 8 KV heads, 4 x 4096 tokens (A2), and 8 x 512 new tokens after 3584 cached ones (chunked
+prefill, prefix-cache hits); paged decode bf16, 256 sequences x 2048 context (A4), plus a small-batch
+long-context decode where split-K matters. Prints one row per case: time, what it achieved (GB/s for
+the memory-bound kernels, TFLOP/s for prefill) and that as a share of the H200's 4.8 TB/s or 989
+dense bf16 TFLOP/s, and the time of each baseline relative to ours (>1: ours faster).
 
 Bytes counted are the minimum traffic: sampling reads the logits once (plus the penalty counts and
 prompt mask when penalties are on), although the kernel makes more passes over a row when filters
-are active; decode reads K and V once. Prefill FLOPs are 4 * S^2 * H * D per sequence, halved for
-causal. `--smoke` runs tiny shapes on the CPU interpreter to check the script itself (times meaningless).
+are active; decode reads K and V once. Prefill FLOPs are 4 * H * D per (query, key) pair attended,
+4 * H * D * (n * c + n^2 / 2) for n new tokens after c cached ones; prefill's K/V are written into
+the paged cache before timing (the engine's write_kv precedes prefill attention). `--smoke` runs
+tiny shapes on the CPU interpreter to check the script itself (times meaningless).
 """
 
 from __future__ import annotations
@@ -139,47 +142,69 @@ def bench_sampling(device: str, batch: int, vocab: int) -> list[Row]:
     return rows
 
 
-def bench_prefill(device: str, lengths: list[int], q_heads: int, kv_heads: int, head_dim: int, dtype) -> Row:
-    from kernels.attention_prefill import prefill_attention_reference, prefill_attention_triton
+def bench_prefill(
+    device: str, lengths: list[int], q_heads: int, kv_heads: int, head_dim: int, dtype, *,
+    contexts: list[int] | None = None,
+) -> Row:
+    """lengths: new tokens per sequence; contexts: tokens already cached before them (prefix hit, earlier chunks)."""
+    import torch.nn.functional as F
+
+    from kernels.attention_prefill import prefill_attention_reference, prefill_attention_triton, write_kv_reference
 
     gen = torch.Generator(device=device).manual_seed(1)
-    total, block_size = sum(lengths), 16
+    contexts = contexts or [0] * len(lengths)
+    seq_lens = [c + n for c, n in zip(contexts, lengths, strict=True)]
+    block_size = 16
     cu_seqlens = torch.tensor([0, *lengths], device=device).cumsum(0).to(torch.int32)
-    q = torch.randn(total, q_heads, head_dim, device=device, generator=gen).to(dtype)
-    k, v = (torch.randn(total, kv_heads, head_dim, device=device, generator=gen).to(dtype) for _ in range(2))
-    blocks_per_seq = -(-max(lengths) // block_size)
+    cu_seqlens_k = torch.tensor([0, *seq_lens], device=device).cumsum(0).to(torch.int32)
+    q = torch.randn(sum(lengths), q_heads, head_dim, device=device, generator=gen).to(dtype)
+    # Every sequence's K/V [sum(seq_lens), Hkv, D] packed, context first: the baselines' contiguous input.
+    k, v = (torch.randn(sum(seq_lens), kv_heads, head_dim, device=device, generator=gen).to(dtype) for _ in range(2))
+    blocks_per_seq = -(-max(seq_lens) // block_size)
     num_blocks = len(lengths) * blocks_per_seq
     table = torch.randperm(num_blocks, device=device).view(len(lengths), blocks_per_seq).to(torch.int32)
     k_cache = torch.zeros(num_blocks, block_size, kv_heads, head_dim, device=device, dtype=dtype)
     v_cache = torch.zeros_like(k_cache)
+    # Context and new K/V into the cache, outside the timed region (the engine's write_kv precedes the call).
+    positions = torch.cat([torch.arange(n, device=device) for n in seq_lens])
+    seq_ids = torch.repeat_interleave(torch.arange(len(lengths), device=device), torch.tensor(seq_lens, device=device))
+    slots = table[seq_ids, positions // block_size].to(torch.int64) * block_size + positions % block_size
+    write_kv_reference(k, v, k_cache, v_cache, slots)
     scale = head_dim**-0.5
-    args = (q, k, v, cu_seqlens, k_cache, v_cache, table, scale)
-    us = time_us(lambda: prefill_attention_triton(*args, max_seqlen=max(lengths)), device)
-    flops = sum(4 * n * n * q_heads * head_dim / 2 for n in lengths)
+    args = (q, k_cache, v_cache, cu_seqlens, torch.tensor(seq_lens, device=device, dtype=torch.int32), table, scale)
+    us = time_us(lambda: prefill_attention_triton(*args, max_seqlen_q=max(lengths)), device)
+    # Causal: new token i after c cached ones attends c + i + 1 keys; 4 * H * D FLOPs per (query, key) pair.
+    flops = sum(4 * q_heads * head_dim * (n * c + n * n / 2) for n, c in zip(lengths, contexts, strict=True))
 
     def torch_sdpa() -> float:
-        import torch.nn.functional as F
+        qb, kb = cu_seqlens.tolist(), cu_seqlens_k.tolist()
+        masks = [  # bottom-right causal (SDPA's is_causal is top-left aligned, the same only without context)
+            None if c == 0 else torch.ones(n, c + n, device=device, dtype=torch.bool).tril(c)
+            for n, c in zip(lengths, contexts, strict=True)
+        ]
 
         def run():
-            bounds = cu_seqlens.tolist()
-            for start, end in zip(bounds[:-1], bounds[1:], strict=True):
-                qs, ks, vs = (t[start:end].transpose(0, 1)[None] for t in (q, k, v))
-                F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True)
+            for s, mask in enumerate(masks):
+                qs = q[qb[s] : qb[s + 1]].transpose(0, 1)[None]
+                ks, vs = (t[kb[s] : kb[s + 1]].transpose(0, 1)[None] for t in (k, v))
+                F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=mask is None, scale=scale,
+                                               enable_gqa=True)  # fmt: skip
 
         return time_us(run, device)
 
     def flash_attn() -> float:
-        from flash_attn import flash_attn_varlen_func
+        from flash_attn import flash_attn_varlen_func  # causal is bottom-right aligned since flash-attn 2.1
 
-        m = max(lengths)
-        return time_us(lambda: flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, m, m, causal=True), device)
+        mq, mk = max(lengths), max(seq_lens)
+        return time_us(lambda: flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens_k, mq, mk, causal=True), device)
 
     baselines = {"torch ref": try_baseline(lambda: time_us(lambda: prefill_attention_reference(*args), device))}
     baselines["torch sdpa"] = try_baseline(torch_sdpa)
     if device == "cuda":
         baselines["flash-attn"] = try_baseline(flash_attn)
-    shape = f"{len(lengths)}x{max(lengths)} Hq={q_heads} Hkv={kv_heads} D={head_dim} {str(dtype)[6:]} causal"
-    return Row("prefill (+KV write)", shape, us, flops, "TFLOP/s", baselines)
+    ctx = f" ctx {max(contexts)}" if any(contexts) else ""
+    shape = f"{len(lengths)}x{max(lengths)}{ctx} Hq={q_heads} Hkv={kv_heads} D={head_dim} {str(dtype)[6:]} causal"
+    return Row("prefill (paged K/V)", shape, us, flops, "TFLOP/s", baselines)
 
 
 def bench_decode(device: str, batch: int, ctx: int, q_heads: int, kv_heads: int, head_dim: int, dtype) -> Row:
@@ -235,12 +260,14 @@ def main() -> int:
     if args.smoke:
         rows = bench_sampling(device, 8, 1000)
         rows.append(bench_prefill(device, [40, 30], 4, 2, 64, bf16))
+        rows.append(bench_prefill(device, [20, 30], 4, 2, 64, bf16, contexts=[50, 0]))
         rows.append(bench_decode(device, 2, 100, 4, 1, 64, bf16))
     else:
         print(f"device: {torch.cuda.get_device_name()}; peaks used: 4.8 TB/s, 989 TFLOP/s (H200 dense bf16)")
         rows = bench_sampling(device, 256, 49152)
         rows.append(bench_prefill(device, [4096] * 4, 32, 8, 128, bf16))
         rows.append(bench_prefill(device, [2048, 1024, 3000, 500, 4096], 32, 8, 128, bf16))
+        rows.append(bench_prefill(device, [512] * 8, 32, 8, 128, bf16, contexts=[3584] * 8))  # chunks / prefix hits
         rows.append(bench_decode(device, 256, 2048, 32, 8, 128, bf16))
         rows.append(bench_decode(device, 4, 16384, 32, 8, 128, bf16))
         rows.append(bench_decode(device, 64, 4096, 32, 8, 64, torch.float16))

@@ -69,8 +69,8 @@ def kernel_builds() -> list[KernelBuild]:
     for dtype in (triton_dtype[d] for d in TRITON_ATTENTION_DTYPES):
         for head_dim in TRITON_HEAD_DIMS:  # the ones dispatch sends to the kernels
             pcfg = CUDA_PREFILL_CONFIGS[head_dim]
-            pointers = {n: dtype for n in ("q_ptr", "k_ptr", "v_ptr", "out_ptr", "k_cache_ptr", "v_cache_ptr")}
-            pointers |= {"cu_seqlens_ptr": "i32", "block_tables_ptr": "i32"}
+            pointers = {n: dtype for n in ("q_ptr", "k_cache_ptr", "v_cache_ptr", "out_ptr")}
+            pointers |= {"cu_seqlens_ptr": "i32", "seq_lens_ptr": "i32", "block_tables_ptr": "i32"}
             builds.append(
                 KernelBuild(
                     "attention_prefill",

@@ -1,14 +1,17 @@
-"""Causal prefill attention over ragged (variable-length packed) sequences, writing K/V into the paged cache.
+"""Causal prefill attention of packed new tokens against the paged KV cache (prefix caching, chunked prefill).
 
 Paged cache layout (vLLM's): k_cache, v_cache: [num_blocks, block_size, kv_heads, head_dim];
 token t of sequence s lives in block block_tables[s, t // block_size] at slot t % block_size.
+The new tokens' K/V are written into the cache beforehand (`write_kv_reference`, torch indexing);
+attention reads keys and values only from the cache. Sequence s holds seq_lens[s] tokens, the last
+n_s of them new: context c_s = seq_lens[s] - n_s tokens (a prefix-cache hit or earlier chunks) and
+new token i at position c_s + i, which attends to every position <= its own.
 
 The Triton kernel is a FlashAttention-2 forward (online softmax in exp2, fp32 accumulators): one
-program per (query tile, sequence, query head); fully visible key tiles run unmasked, the diagonal
-tiles masked. The first query head of each KV group also stores its tile's K/V rows into the cache,
-so every token is written exactly once in the same launch. File order: kernel, launcher
-`prefill_attention_triton`, then the references (`prefill_attention_reference` is the CPU path
-and the test oracle).
+program per (query tile, sequence, query head), K/V tiles gathered through the block table one
+position at a time; key tiles wholly before the tile's first query position run unmasked, the
+diagonal tiles masked. File order: kernel, launcher `prefill_attention_triton`, then the references
+(`prefill_attention_reference` is the CPU path and the test oracle).
 """
 
 from __future__ import annotations
@@ -41,18 +44,15 @@ if triton is not None:
 
     @triton.jit
     def _prefill_kernel(
-        q_ptr,  # [T, Hq, D]
-        k_ptr,  # [T, Hkv, D]
-        v_ptr,  # [T, Hkv, D]
-        out_ptr,  # [T, Hq, D]
-        cu_seqlens_ptr,  # [B + 1] int32
-        k_cache_ptr,  # [num_blocks, block_size, Hkv, D]
+        q_ptr,  # [T, Hq, D], the new tokens packed
+        k_cache_ptr,  # [num_blocks, block_size, Hkv, D], new tokens included
         v_cache_ptr,  # same layout and strides as k_cache
+        cu_seqlens_ptr,  # [B + 1] int32, offsets of each sequence's new tokens in q
+        seq_lens_ptr,  # [B] int32, cached tokens per sequence (context + new)
         block_tables_ptr,  # [B, max_blocks] int32
+        out_ptr,  # [T, Hq, D]
         qk_scale,  # sm_scale * log2(e)
         stride_qt, stride_qh,
-        stride_kt, stride_kh,
-        stride_vt, stride_vh,
         stride_ot, stride_oh,
         stride_cache_block, stride_cache_slot, stride_cache_head,
         stride_table,
@@ -63,68 +63,55 @@ if triton is not None:
         BLOCK_N: tl.constexpr,  # divides BLOCK_M
     ):  # fmt: skip
         tile, seq, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        seq_start = tl.load(cu_seqlens_ptr + seq)
-        seq_len = tl.load(cu_seqlens_ptr + seq + 1) - seq_start
+        q_start = tl.load(cu_seqlens_ptr + seq)
+        q_len = tl.load(cu_seqlens_ptr + seq + 1) - q_start  # new tokens; 0 skips the sequence
+        seq_len = tl.load(seq_lens_ptr + seq)
+        context = seq_len - q_len
         tile_start = tile * BLOCK_M
-        if tile_start < seq_len:
+        if tile_start < q_len:
             kv_head = head // group
-            offs_m = tile_start + tl.arange(0, BLOCK_M)  # positions in the sequence
+            offs_m = tile_start + tl.arange(0, BLOCK_M)  # indices among the new tokens
             offs_d = tl.arange(0, HEAD_DIM)
-            m_ok = offs_m < seq_len
-            tokens_m = (seq_start + offs_m).to(tl.int64)
+            m_ok = offs_m < q_len
+            tokens_m = (q_start + offs_m).to(tl.int64)
             q = tl.load(
                 q_ptr + tokens_m[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
                 mask=m_ok[:, None],
                 other=0.0,
             )  # [BM, D]
-
-            if head % group == 0:  # this tile's K/V rows into the paged cache, once per KV head
-                kv_mask = m_ok[:, None]
-                k_rows = tl.load(
-                    k_ptr + tokens_m[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :], mask=kv_mask
-                )
-                v_rows = tl.load(
-                    v_ptr + tokens_m[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :], mask=kv_mask
-                )
-                blocks = tl.load(block_tables_ptr + seq * stride_table + offs_m // block_size, mask=m_ok, other=0)
-                slots = (
-                    blocks.to(tl.int64) * stride_cache_block
-                    + (offs_m % block_size) * stride_cache_slot
-                    + kv_head * stride_cache_head
-                )
-                cache_offs = slots[:, None] + offs_d[None, :]
-                tl.store(k_cache_ptr + cache_offs, k_rows.to(k_cache_ptr.dtype.element_ty), mask=kv_mask)
-                tl.store(v_cache_ptr + cache_offs, v_rows.to(v_cache_ptr.dtype.element_ty), mask=kv_mask)
+            pos_m = context + offs_m  # [BM] positions in the sequence
 
             m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
             l_i = tl.zeros([BLOCK_M], tl.float32)
             acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
             offs_n0 = tl.arange(0, BLOCK_N)
-            kv_base = seq_start.to(tl.int64)
-            # Key tiles wholly before this query tile: visible to every row, no mask.
-            for start_n in range(0, tile_start, BLOCK_N):
-                tokens_n = kv_base + start_n + offs_n0
-                k = tl.load(k_ptr + tokens_n[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :])
-                v = tl.load(v_ptr + tokens_n[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :])
+            table = block_tables_ptr + seq * stride_table
+            head_off = kv_head * stride_cache_head
+            # Key tiles wholly before the tile's first query position context + tile_start (so also
+            # before seq_len): visible to every row, no mask.
+            full_end = (context + tile_start) // BLOCK_N * BLOCK_N
+            for start_n in range(0, full_end, BLOCK_N):
+                pos_n = start_n + offs_n0
+                blocks = tl.load(table + pos_n // block_size).to(tl.int64)
+                slots = blocks * stride_cache_block + (pos_n % block_size) * stride_cache_slot + head_off
+                kv_offs = slots[:, None] + offs_d[None, :]  # [BN, D]
+                k = tl.load(k_cache_ptr + kv_offs)
+                v = tl.load(v_cache_ptr + kv_offs)
                 qk = tl.dot(q, tl.trans(k)) * qk_scale  # [BM, BN]
                 m_i, l_i, acc = _online_softmax_step(qk, v, m_i, l_i, acc)
-            # Diagonal tiles: causal and length masks.
-            for start_n in range(tile_start, tl.minimum(tile_start + BLOCK_M, seq_len), BLOCK_N):
-                offs_n = start_n + offs_n0
-                n_ok = offs_n < seq_len
-                tokens_n = kv_base + offs_n
-                k = tl.load(
-                    k_ptr + tokens_n[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :],
-                    mask=n_ok[:, None],
-                    other=0.0,
-                )
-                v = tl.load(
-                    v_ptr + tokens_n[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
-                    mask=n_ok[:, None],
-                    other=0.0,
-                )
+            # Diagonal tiles, up to the tile's last query position: causal and length masks. Every row
+            # sees key full_end (<= its position) in the first of them, so no row stays at -inf.
+            diag_end = context + tl.minimum(tile_start + BLOCK_M, q_len)
+            for start_n in range(full_end, diag_end, BLOCK_N):
+                pos_n = start_n + offs_n0
+                n_ok = pos_n < seq_len
+                blocks = tl.load(table + pos_n // block_size, mask=n_ok, other=0).to(tl.int64)
+                slots = blocks * stride_cache_block + (pos_n % block_size) * stride_cache_slot + head_off
+                kv_offs = slots[:, None] + offs_d[None, :]
+                k = tl.load(k_cache_ptr + kv_offs, mask=n_ok[:, None], other=0.0)
+                v = tl.load(v_cache_ptr + kv_offs, mask=n_ok[:, None], other=0.0)
                 qk = tl.dot(q, tl.trans(k)) * qk_scale
-                visible = (offs_m[:, None] >= offs_n[None, :]) & n_ok[None, :]
+                visible = (pos_m[:, None] >= pos_n[None, :]) & n_ok[None, :]
                 qk = tl.where(visible, qk, float("-inf"))
                 m_i, l_i, acc = _online_softmax_step(qk, v, m_i, l_i, acc)
             out = acc / l_i[:, None]
@@ -155,61 +142,60 @@ CPU_PREFILL_CONFIG = PrefillConfig(block_m=32, block_n=16, num_warps=4, num_stag
 
 
 def prefill_attention_triton(
-    q: torch.Tensor,  # [T, q_heads, D]
-    k: torch.Tensor,  # [T, kv_heads, D]
-    v: torch.Tensor,  # [T, kv_heads, D]
-    cu_seqlens: torch.Tensor,  # [B + 1] int32
-    k_cache: torch.Tensor,  # [num_blocks, block_size, kv_heads, D]
-    v_cache: torch.Tensor,
+    q: torch.Tensor,  # [T, q_heads, D], T = new tokens of all sequences, packed
+    k_cache: torch.Tensor,  # [num_blocks, block_size, kv_heads, D], already holding the new tokens' K
+    v_cache: torch.Tensor,  # [num_blocks, block_size, kv_heads, D]
+    cu_seqlens: torch.Tensor,  # [B + 1] int32, start of each sequence's new tokens in the packing
+    seq_lens: torch.Tensor,  # [B] int32, tokens in the cache per sequence: cached prefix + new tokens
     block_tables: torch.Tensor,  # [B, max_blocks] int32
     sm_scale: float,
     *,
-    max_seqlen: int | None = None,  # longest sequence; computed (a device sync) when None
+    max_seqlen_q: int | None = None,  # most new tokens of one sequence; computed (a device sync) when None
     config: PrefillConfig | None = None,
 ) -> torch.Tensor:
-    """One-launch causal varlen attention; same contract as `prefill_attention_reference`."""
+    """One-launch causal varlen attention over the paged cache; same contract as `prefill_attention_reference`."""
     if triton is None:
         raise RuntimeError("prefill_attention_triton needs triton")
     total, q_heads, head_dim = q.shape
-    kv_heads = k.shape[1]
+    kv_heads = k_cache.shape[2]
     if q_heads % kv_heads or head_dim not in (16, 32, 64, 128, 256) or (q.is_cuda and head_dim not in (64, 128)):
         raise ValueError(f"unsupported heads/head_dim: {q_heads=} {kv_heads=} {head_dim=}")
     if q.is_cuda and q.dtype not in (torch.bfloat16, torch.float16):  # fp32 tiles outgrow shared memory
         raise ValueError(f"prefill_attention_triton runs bf16/fp16 on CUDA, not {q.dtype}")
-    if k_cache.shape[2:] != (kv_heads, head_dim) or k_cache.stride() != v_cache.stride() or k_cache.stride(3) != 1:
+    if (k_cache.dim() != 4 or k_cache.shape[3] != head_dim or v_cache.shape != k_cache.shape
+            or k_cache.stride() != v_cache.stride() or k_cache.stride(3) != 1):  # the kernel steps through D in units
         raise ValueError("k_cache/v_cache must be [num_blocks, block_size, kv_heads, D] with equal strides, unit in D")
+    batch = seq_lens.shape[0]
+    if cu_seqlens.shape != (batch + 1,) or block_tables.dim() != 2 or block_tables.shape[0] != batch:
+        raise ValueError(f"cu_seqlens [B + 1], seq_lens [B], block_tables [B, max_blocks] expected, got "
+                         f"{tuple(cu_seqlens.shape)}, {tuple(seq_lens.shape)}, {tuple(block_tables.shape)}")
     if not q.is_cuda and torch.bfloat16 in (q.dtype, k_cache.dtype):
-        # The interpreter cannot do bf16 arithmetic: run in fp32 and write back.
-        k32, v32 = k_cache.float(), v_cache.float()
+        # The interpreter cannot do bf16 arithmetic: run on fp32 copies (the kernel only reads the cache).
         out = prefill_attention_triton(
             q.float(),
-            k.float(),
-            v.float(),
+            k_cache.float(),
+            v_cache.float(),
             cu_seqlens,
-            k32,
-            v32,
+            seq_lens,
             block_tables,
             sm_scale,
-            max_seqlen=max_seqlen,
+            max_seqlen_q=max_seqlen_q,
             config=config,
         )
-        k_cache.copy_(k32)
-        v_cache.copy_(v32)
         return out.to(q.dtype)
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    if q.stride(-1) != 1:
+        q = q.contiguous()
     out = torch.empty_like(q)
-    batch = cu_seqlens.shape[0] - 1
     if total == 0 or batch == 0:
         return out
-    if max_seqlen is None:
-        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    if max_seqlen_q is None:
+        max_seqlen_q = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
     config = config or (CUDA_PREFILL_CONFIGS[head_dim] if q.is_cuda else CPU_PREFILL_CONFIG)
-    cu_seqlens = cu_seqlens.to(torch.int32)
-    block_tables = block_tables.to(torch.int32)
-    grid = (triton.cdiv(max_seqlen, config.block_m), batch, q_heads)
+    cu_seqlens, seq_lens, block_tables = (t.to(torch.int32) for t in (cu_seqlens, seq_lens, block_tables))
+    grid = (triton.cdiv(max_seqlen_q, config.block_m), batch, q_heads)
     _prefill_kernel[grid](
-        q, k, v, out, cu_seqlens, k_cache, v_cache, block_tables, sm_scale * _LOG2E,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        q, k_cache, v_cache, cu_seqlens, seq_lens, block_tables, out, sm_scale * _LOG2E,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         k_cache.shape[1], q_heads // kv_heads,
         HEAD_DIM=head_dim, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
@@ -228,34 +214,37 @@ def write_kv_reference(
     v_cache[blocks, offsets] = v.to(v_cache.dtype)
 
 
-def prefill_slot_mapping(cu_seqlens: torch.Tensor, block_tables: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Flat cache slot [T] of each packed token; sequence s holds positions 0..len_s-1."""
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-    seq_ids = torch.repeat_interleave(
-        torch.arange(len(lengths), device=cu_seqlens.device), torch.tensor(lengths, device=cu_seqlens.device)
-    )
-    positions = torch.arange(int(cu_seqlens[-1]), device=cu_seqlens.device) - cu_seqlens[seq_ids]
-    blocks = block_tables[seq_ids, positions // block_size].to(torch.int64)
-    return blocks * block_size + positions % block_size
-
-
 def prefill_attention_reference(
-    q: torch.Tensor,  # [T, q_heads, D], T = total packed tokens
-    k: torch.Tensor,  # [T, kv_heads, D]
-    v: torch.Tensor,  # [T, kv_heads, D]
-    cu_seqlens: torch.Tensor,  # [B + 1] int32, start of each sequence in the packing
-    k_cache: torch.Tensor,  # [num_blocks, block_size, kv_heads, D]
+    q: torch.Tensor,  # [T, q_heads, D], T = new tokens of all sequences, packed
+    k_cache: torch.Tensor,  # [num_blocks, block_size, kv_heads, D], already holding the new tokens' K
     v_cache: torch.Tensor,  # [num_blocks, block_size, kv_heads, D]
+    cu_seqlens: torch.Tensor,  # [B + 1] int32, start of each sequence's new tokens in the packing
+    seq_lens: torch.Tensor,  # [B] int32, tokens in the cache per sequence: cached prefix + new tokens
     block_tables: torch.Tensor,  # [B, max_blocks] int32
     sm_scale: float,
 ) -> torch.Tensor:
-    """Returns out [T, q_heads, D] (q's dtype); softmax in fp32. Also writes k, v into the cache."""
-    write_kv_reference(k, v, k_cache, v_cache, prefill_slot_mapping(cu_seqlens, block_tables, k_cache.shape[1]))
+    """Returns out [T, q_heads, D] (q's dtype); softmax in fp32.
+
+    Sequence s has seq_lens[s] - n_s tokens already cached (a prefix-cache hit or an earlier chunk)
+    and n_s new ones; new token i sits at position seq_lens[s] - n_s + i and attends to every cached
+    position up to its own (causal, bottom-right aligned).
+    """
     out = torch.empty_like(q)
-    bounds = cu_seqlens.tolist()
-    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
-        # [1, H, L, D] per sequence; SDPA's fp32 CPU kernel, GQA without repeating K/V.
-        qs, ks, vs = (t[start:end].float().transpose(0, 1)[None] for t in (q, k, v))
-        attended = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=sm_scale, enable_gqa=True)
+    block_size = k_cache.shape[1]
+    bounds, lengths = cu_seqlens.tolist(), seq_lens.tolist()
+    for s, (start, end) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        if end == start:
+            continue
+        total, new = lengths[s], end - start
+        blocks = block_tables[s, : -(-total // block_size)].to(torch.int64)
+        # [1, H, L, D]: this sequence's keys/values gathered block by block, then cut to its length.
+        ks, vs = (c[blocks].flatten(0, 1)[:total].float().transpose(0, 1)[None] for c in (k_cache, v_cache))
+        qs = q[start:end].float().transpose(0, 1)[None]
+        if total == new:  # no cached prefix: plain causal
+            attended = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=sm_scale, enable_gqa=True)
+        else:
+            visible = torch.arange(total, device=q.device)[None, :] <= torch.arange(total - new, total,
+                                                                                     device=q.device)[:, None]
+            attended = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=visible, scale=sm_scale, enable_gqa=True)
         out[start:end] = attended[0].transpose(0, 1).to(q.dtype)
     return out

@@ -13,6 +13,7 @@ from kernels.attention_prefill import (
     CUDA_PREFILL_CONFIGS,
     prefill_attention_reference,
     prefill_attention_triton,
+    write_kv_reference,
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
@@ -56,47 +57,168 @@ def assert_attention_close(out, ref, lowp_err):
 # --- prefill (A1) ------------------------------------------------------------------------------
 
 
-def run_prefill(lengths, q_heads, kv_heads, head_dim, block_size, dtype, *, config=None, seed=0):
+def cache_slots(table, block_size, contexts, new_lens):
+    """Flat cache slots [T] of the new tokens: sequence s's sit at positions contexts[s] + 0 .. new_lens[s] - 1."""
+    slots = []
+    for s, (ctx, new) in enumerate(zip(contexts, new_lens, strict=True)):
+        positions = torch.arange(ctx, ctx + new)
+        slots.append(table[s, positions // block_size].long() * block_size + positions % block_size)
+    return torch.cat(slots)
+
+
+def gather_sequence(cache, table, s, length):
+    """Sequence s's first `length` cached rows [length, Hkv, D], read through the block table."""
+    positions = torch.arange(length)
+    return cache[table[s, positions // cache.shape[1]].long(), positions % cache.shape[1]]
+
+
+def make_prefill(new_lens, contexts, q_heads, kv_heads, head_dim, block_size, dtype, *, seed=0, num_blocks=None):
+    """Packed q [T, Hq, D] for the new tokens and a filled paged cache (random prefix, then the new K/V written
+    by write_kv_reference); returns (q, k_cache, v_cache, cu_seqlens, seq_lens, table)."""
     gen = torch.Generator().manual_seed(seed)
-    total = sum(lengths)
-    cu_seqlens = torch.tensor([0, *lengths]).cumsum(0).to(torch.int32)
-    q = torch.randn(total, q_heads, head_dim, generator=gen).to(dtype)
-    k = torch.randn(total, kv_heads, head_dim, generator=gen).to(dtype)
-    v = torch.randn(total, kv_heads, head_dim, generator=gen).to(dtype)
-    k_cache, v_cache, table = paged_cache(gen, len(lengths), max(lengths), block_size, kv_heads, head_dim, dtype)
-    ref_k_cache, ref_v_cache = k_cache.clone(), v_cache.clone()
+    seq_lens = [c + n for c, n in zip(contexts, new_lens, strict=True)]
+    k_cache, v_cache, table = paged_cache(
+        gen, len(new_lens), max(seq_lens), block_size, kv_heads, head_dim, dtype, num_blocks=num_blocks, fill=True
+    )
+    q = torch.randn(sum(new_lens), q_heads, head_dim, generator=gen).to(dtype)
+    k, v = (torch.randn(sum(new_lens), kv_heads, head_dim, generator=gen).to(dtype) for _ in range(2))
+    write_kv_reference(k, v, k_cache, v_cache, cache_slots(table, block_size, contexts, new_lens))
+    cu_seqlens = torch.tensor([0, *new_lens]).cumsum(0).to(torch.int32)
+    return q, k_cache, v_cache, cu_seqlens, torch.tensor(seq_lens, dtype=torch.int32), table
+
+
+def run_prefill(new_lens, q_heads, kv_heads, head_dim, block_size, dtype, *, contexts=None, config=None, seed=0):
+    """Triton against the reference (A1 tolerances); contexts: cached tokens before each sequence's new ones."""
+    contexts = contexts or [0] * len(new_lens)
+    args = make_prefill(new_lens, contexts, q_heads, kv_heads, head_dim, block_size, dtype, seed=seed)
+    q, k_cache, v_cache, cu_seqlens, seq_lens, table = args
+    before = k_cache.clone(), v_cache.clone()
     scale = head_dim**-0.5
-    out = prefill_attention_triton(q, k, v, cu_seqlens, k_cache, v_cache, table, scale, config=config)
-    ref = prefill_attention_reference(q, k, v, cu_seqlens, ref_k_cache, ref_v_cache, table, scale)
-    assert torch.equal(k_cache, ref_k_cache) and torch.equal(v_cache, ref_v_cache), "cache writes differ"
+    out = prefill_attention_triton(*args, scale, config=config)
+    ref = prefill_attention_reference(*args, scale)
+    assert torch.equal(k_cache, before[0]) and torch.equal(v_cache, before[1]), "the kernel must not write the cache"
     bounds = cu_seqlens.tolist()
     lowp_err = 0.0
-    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
-        lowp = lowp_attention(q[start:end], k[start:end], v[start:end], causal=True)
+    for s, (start, end) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        if end == start:
+            continue
+        ks, vs = (gather_sequence(c, table, s, int(seq_lens[s])) for c in (k_cache, v_cache))
+        lowp = lowp_attention(q[start:end], ks, vs, causal=True)  # causal mask bottom-right aligned
         lowp_err = max(lowp_err, (lowp.float() - ref[start:end].float()).abs().max().item())
     assert_attention_close(out, ref, lowp_err)
+    return out, ref, args
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("q_heads,kv_heads", [(2, 2), (3, 1), (8, 2), (8, 1)], ids=lambda x: str(x))
 def test_prefill_matches_reference(q_heads, kv_heads, head_dim, dtype):
-    """Ragged lengths (1, shorter and longer than a tile, not multiples of the page) in one launch; GQA 1/3/4/8."""
+    """No cached prefix: ragged lengths (1, shorter and longer than a tile, not multiples of the page) in one
+    launch; GQA 1/3/4/8."""
     run_prefill([37, 1, 70, 16], q_heads, kv_heads, head_dim, block_size=16, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("q_heads,kv_heads", [(2, 2), (3, 1), (8, 2)], ids=lambda x: str(x))
+def test_prefill_with_cached_prefix_matches_reference(q_heads, kv_heads, head_dim, dtype):
+    """Sequences with and without context in one launch: contexts not multiples of the page nor of the key tile
+    (13, 50), one a whole page (16), one a whole query tile (32); GQA 1/3/4."""
+    run_prefill(
+        [37, 1, 40, 16, 5], q_heads, kv_heads, head_dim, block_size=16, dtype=dtype, contexts=[13, 50, 0, 16, 32]
+    )
+
+
+def test_prefill_context_with_odd_page_size():
+    """A page of 7: neither context nor tile boundaries meet page boundaries."""
+    run_prefill([45, 20], 4, 2, 64, block_size=7, dtype=torch.float32, contexts=[23, 0], seed=1)
 
 
 def test_prefill_odd_page_size_and_single_sequence():
     run_prefill([45], 4, 2, 64, block_size=7, dtype=torch.float32, seed=1)
 
 
+def test_prefill_skips_sequences_without_new_tokens():
+    """A sequence with cached tokens but none new (and one with neither) owns no rows of q and is skipped."""
+    out, ref, args = run_prefill([0, 20, 0, 9], 4, 1, 64, block_size=16, dtype=torch.float32, contexts=[30, 5, 0, 0])
+    assert out.shape == (29, 4, 64) and torch.isfinite(out).all()
+
+
+def test_prefill_of_one_token_equals_decode():
+    """One new token after a long context is a decode step: prefill and decode attention agree."""
+    new, contexts = [1, 1, 1, 1], [200, 63, 0, 16]
+    out, ref, (q, k_cache, v_cache, cu_seqlens, seq_lens, table) = run_prefill(
+        new, 8, 2, 64, block_size=16, dtype=torch.float32, contexts=contexts, seed=2
+    )
+    decode = decode_attention_reference(q, k_cache, v_cache, table, seq_lens, 64**-0.5)
+    torch.testing.assert_close(ref, decode, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, decode, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_prefill_cuda_tile_shape_in_interpreter(head_dim):
-    """The launcher's CUDA tile shape (BLOCK_M 128, BLOCK_N 64) over sequences longer than a tile."""
-    run_prefill([150, 9], 4, 1, head_dim, block_size=16, dtype=torch.float16, config=CUDA_PREFILL_CONFIGS[head_dim])
+    """The launcher's CUDA tile shape (BLOCK_M 128, BLOCK_N 64) over sequences longer than a tile, one after a
+    context that is not a multiple of BLOCK_N (unmasked tiles, then diagonal tiles straddling the context end)."""
+    config = CUDA_PREFILL_CONFIGS[head_dim]
+    run_prefill([150, 9, 130], 4, 1, head_dim, 16, torch.float16, contexts=[0, 70, 100], config=config)
 
 
 def test_prefill_bf16_is_upcast_in_interpreter():
-    run_prefill([20, 33], 4, 2, 64, block_size=16, dtype=torch.bfloat16)
+    run_prefill([20, 33], 4, 2, 64, block_size=16, dtype=torch.bfloat16, contexts=[0, 19])
+
+
+def full_causal_attention(q, k, v, scale):
+    """Causal attention over one whole sequence q [L, Hq, D], k/v [L, Hkv, D], in fp64 without SDPA."""
+    group = q.shape[1] // k.shape[1]
+    q, k, v = q.double(), k.double().repeat_interleave(group, dim=1), v.double().repeat_interleave(group, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q, k) * scale
+    causal = torch.ones(q.shape[0], q.shape[0], dtype=torch.bool).tril()
+    return torch.einsum("hqk,khd->qhd", torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1), v)
+
+
+@pytest.mark.parametrize("q_heads,kv_heads", [(4, 4), (6, 2), (8, 2)], ids=lambda x: str(x))
+def test_prefill_reference_with_context_equals_full_causal_attention(q_heads, kv_heads):
+    """The oracle's oracle: the reference for new tokens after a cached prefix gives the last rows of causal
+    attention over the whole sequence computed in one go; so does a chunked prefill, chunk by chunk."""
+    gen = torch.Generator().manual_seed(3)
+    lengths, contexts, block_size, head_dim, scale = [50, 23, 64, 9], [17, 0, 48, 8], 16, 64, 0.1
+    k_cache, v_cache, table = paged_cache(gen, len(lengths), max(lengths), block_size, kv_heads, head_dim,
+                                          torch.float32)  # fmt: skip
+    qs = [torch.randn(n, q_heads, head_dim, generator=gen) for n in lengths]
+    ks, vs = ([torch.randn(n, kv_heads, head_dim, generator=gen) for n in lengths] for _ in range(2))
+    write_kv_reference(torch.cat(ks), torch.cat(vs), k_cache, v_cache,
+                       cache_slots(table, block_size, [0] * len(lengths), lengths))  # fmt: skip
+    full = [full_causal_attention(q, k, v, scale) for q, k, v in zip(qs, ks, vs, strict=True)]
+    seq_lens = torch.tensor(lengths, dtype=torch.int32)
+
+    new = [n - c for n, c in zip(lengths, contexts, strict=True)]
+    cu_seqlens = torch.tensor([0, *new]).cumsum(0).to(torch.int32)
+    q_new = torch.cat([q[c:] for q, c in zip(qs, contexts, strict=True)])
+    out = prefill_attention_reference(q_new, k_cache, v_cache, cu_seqlens, seq_lens, table, scale)
+    expected = torch.cat([f[c:] for f, c in zip(full, contexts, strict=True)])
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+
+    # Chunks of 20 tokens per step; a sequence that has finished has no new tokens in later steps.
+    for done in range(0, max(lengths), 20):
+        chunk = [min(20, max(n - done, 0)) for n in lengths]
+        cu_seqlens = torch.tensor([0, *chunk]).cumsum(0).to(torch.int32)
+        ends = torch.tensor([min(done + 20, n) for n in lengths], dtype=torch.int32)
+        q_chunk = torch.cat([q[done : done + c] for q, c in zip(qs, chunk, strict=True)])
+        out = prefill_attention_reference(q_chunk, k_cache, v_cache, cu_seqlens, ends, table, scale)
+        expected = torch.cat([f[done : done + c] for f, c in zip(full, chunk, strict=True)])
+        torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_prefill_launcher_checks_shapes():
+    q, k_cache, v_cache, cu_seqlens, seq_lens, table = make_prefill([5, 3], [2, 0], 4, 2, 64, 16, torch.float32)
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        prefill_attention_triton(q, k_cache, v_cache, cu_seqlens, seq_lens[:1], table, 0.125)
+    with pytest.raises(ValueError, match="block_tables"):
+        prefill_attention_triton(q, k_cache, v_cache, cu_seqlens, seq_lens, table[:1], 0.125)
+    with pytest.raises(ValueError, match="heads"):
+        prefill_attention_triton(q[:, :3], k_cache, v_cache, cu_seqlens, seq_lens, table, 0.125)
+    with pytest.raises(ValueError, match="k_cache/v_cache"):
+        prefill_attention_triton(q, k_cache, v_cache[:, :8], cu_seqlens, seq_lens, table, 0.125)
 
 
 # --- decode (A3) -------------------------------------------------------------------------------
@@ -165,9 +287,9 @@ def test_caches_strided_in_head_dim_are_refused():
     q = torch.zeros(1, 4, 64)
     with pytest.raises(ValueError, match="unit in D"):
         decode_attention_triton(q, k_cache, v_cache, table, torch.tensor([5], dtype=torch.int32), 0.125)
-    cu_seqlens = torch.tensor([0, 1], dtype=torch.int32)
+    cu_seqlens, seq_lens = torch.tensor([0, 1], dtype=torch.int32), torch.tensor([5], dtype=torch.int32)
     with pytest.raises(ValueError, match="unit in D"):
-        prefill_attention_triton(q, q[:, :2], q[:, :2], cu_seqlens, k_cache, v_cache, table, 0.125)
+        prefill_attention_triton(q, k_cache, v_cache, cu_seqlens, seq_lens, table, 0.125)
 
 
 # --- dispatch ----------------------------------------------------------------------------------
@@ -206,17 +328,14 @@ def test_dispatch_keeps_cuda_fp32_attention_on_the_reference(monkeypatch):
 
 def test_dispatch_interpret_matches_reference(monkeypatch):
     monkeypatch.setenv("GENQ_KERNELS", "interpret")
-    gen = torch.Generator().manual_seed(12)
-    lengths = [9, 30]
-    cu_seqlens = torch.tensor([0, *lengths]).cumsum(0).to(torch.int32)
-    q, k, v = (torch.randn(sum(lengths), h, 64, generator=gen) for h in (4, 2, 2))
-    k_cache, v_cache, table = paged_cache(gen, 2, 30, 16, 2, 64, torch.float32)
-    out = kernels.prefill_attention(q, k, v, cu_seqlens, k_cache, v_cache, table, 0.125, max_seqlen=30)
-    ref = prefill_attention_reference(q, k, v, cu_seqlens, k_cache.clone(), v_cache.clone(), table, 0.125)
+    args = make_prefill([9, 30], [12, 0], 4, 2, 64, 16, torch.float32, seed=12)
+    q, k_cache, v_cache, cu_seqlens, seq_lens, table = args
+    out = kernels.prefill_attention(*args, 0.125, max_seqlen_q=30)
+    ref = prefill_attention_reference(*args, 0.125)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-    seq_lens = torch.tensor(lengths, dtype=torch.int32)
-    out = kernels.decode_attention(q[cu_seqlens[1:] - 1], k_cache, v_cache, table, seq_lens, 0.125)
-    ref = decode_attention_reference(q[cu_seqlens[1:] - 1], k_cache, v_cache, table, seq_lens, 0.125)
+    last = q[cu_seqlens[1:] - 1]  # each sequence's last token, which sees its whole context
+    out = kernels.decode_attention(last, k_cache, v_cache, table, seq_lens, 0.125)
+    ref = decode_attention_reference(last, k_cache, v_cache, table, seq_lens, 0.125)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
@@ -224,20 +343,20 @@ def test_dispatch_interpret_matches_reference(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_gpu_prefill_and_decode_match_reference(dtype):
-    gen = torch.Generator().manual_seed(13)
-    lengths = [300, 1, 1000, 77]
-    cu_seqlens = torch.tensor([0, *lengths]).cumsum(0).to(torch.int32)
-    q = torch.randn(sum(lengths), 32, 128, generator=gen).to(dtype)
-    k, v = (torch.randn(sum(lengths), 8, 128, generator=gen).to(dtype) for _ in range(2))
-    k_cache, v_cache, table = paged_cache(gen, 4, 1000, 16, 8, 128, dtype, num_blocks=40000)
-    cuda = [t.cuda() for t in (q, k, v, cu_seqlens, k_cache, v_cache, table)]
+    """Sequences with and without a cached prefix; each sequence's last prefill row is also its decode step."""
+    new_lens, contexts = [300, 1, 1000, 77, 0], [0, 500, 37, 2000, 40]
+    args = make_prefill(new_lens, contexts, 32, 8, 128, 16, dtype, seed=13, num_blocks=40000)
+    q, k_cache, v_cache, cu_seqlens, seq_lens, table = args
+    cuda = [t.cuda() for t in args]
     out = prefill_attention_triton(*cuda, 128**-0.5)
-    ref = prefill_attention_reference(q, k, v, cu_seqlens, k_cache, v_cache, table, 128**-0.5)
+    ref = prefill_attention_reference(*args, 128**-0.5)
     torch.testing.assert_close(out.cpu().float(), ref.float(), atol=1.5e-2, rtol=1e-2)
-    assert torch.equal(cuda[4].cpu(), k_cache) and torch.equal(cuda[5].cpu(), v_cache)
-    seq_lens = torch.tensor(lengths, dtype=torch.int32)
-    last = q[cu_seqlens[1:] - 1]
+    assert torch.equal(cuda[1].cpu(), k_cache) and torch.equal(cuda[2].cpu(), v_cache), "prefill wrote the cache"
+    has_new = cu_seqlens[1:] > cu_seqlens[:-1]
+    last, seq_lens, table = q[cu_seqlens[1:][has_new] - 1], seq_lens[has_new], table[has_new]
     ref = decode_attention_reference(last, k_cache, v_cache, table, seq_lens, 128**-0.5)
+    torch.testing.assert_close(out.cpu()[cu_seqlens[1:][has_new] - 1].float(), ref.float(), atol=1.5e-2, rtol=1e-2)
     for splits in (1, 8):
-        out = decode_attention_triton(last.cuda(), *cuda[4:], seq_lens.cuda(), 128**-0.5, num_splits=splits)
+        out = decode_attention_triton(last.cuda(), cuda[1], cuda[2], table.cuda(), seq_lens.cuda(), 128**-0.5,
+                                      num_splits=splits)  # fmt: skip
         torch.testing.assert_close(out.cpu().float(), ref.float(), atol=1.5e-2, rtol=1e-2)
