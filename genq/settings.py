@@ -32,7 +32,13 @@ class Settings(BaseSettings):
     max_file_bytes: int = 200 * 1024 * 1024
     max_batch_requests: int = 50_000
     shard_size: int = 64  # requests per shard (one Celery task)
-    max_batch_size: int = 32  # sequences decoded together by one worker
+    # The engine (one per model per worker process, fed by every shard the worker holds):
+    max_batch_size: int = 256  # sequences running together
+    max_step_tokens: int = 2048  # tokens fed per engine step (decodes + prefill chunks)
+    kv_cache_mb: int = 2048  # the KV-cache pool, allocated once per model
+    kv_block_size: int = 16  # tokens per KV-cache block (the prefix-cache granularity)
+    prefix_caching: bool = True  # share the KV blocks of common prompt prefixes
+    worker_shards: int = 4  # shards one worker (or `genq run`) holds at once, all feeding its engine
     completion_window_default: str = "24h"
     # Leases fence every worker write; the reaper re-dispatches expired ones.
     lease_seconds: float = 120

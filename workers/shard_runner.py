@@ -1,10 +1,14 @@
-"""run_shard: claim a shard's lease, generate its requests, write each result fenced, finish, finalize.
+"""run_shard: claim a shard's lease, submit its requests to the model's engine, write each result
+fenced, finish, finalize.
 
 The plain function behind the Celery task "genq.run_shard" and behind `genq run` (embedded mode).
-A heartbeat thread renews the lease and watches the batch: cancel or expiry sets `should_stop`, and
-a lost lease stops all writes. Results already stored are skipped, so a re-run resumes where the last
-attempt stopped. A request that cannot be served (bad body, too long, or one that crashes the model
-when run alone) fails alone with an error line; anything else releases the shard for another attempt.
+Several shards run at once in one process (worker threads), all submitting to the same engine, so
+the running batch stays full across shard and batch boundaries. A heartbeat thread per shard renews
+its lease and watches its batch: cancel or expiry aborts this shard's requests in the engine, and a
+lost lease aborts them and stops all writes; other shards' requests run on. Results already stored
+are skipped, so a re-run resumes where the last attempt stopped. A request that cannot be served (bad
+body, too long, or one that crashes the model when run alone) fails alone with an error line; an
+engine failure (out of memory) or a database failure releases the shard for another attempt.
 """
 
 from __future__ import annotations
@@ -14,7 +18,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from sqlalchemy import select
 
@@ -40,12 +43,13 @@ from workers.chat import (
     response_body,
 )
 from workers.finalize import maybe_finalize
-from workers.runtime.types import GenerationRequest, GenerationResult
+from workers.runtime.errors import ContextLengthError, GenerationFailedError, RequestFailure
+from workers.runtime.types import GenerationRequest, GenerationResult, ServedModel
 from workers.shard_files import InputLine, read_shard_lines
 
 log = logging.getLogger(__name__)
 
-ModelLoader = Callable[[str], Any]
+ModelLoader = Callable[[str], ServedModel]
 # Called after each stored result with (prompt_tokens, completion_tokens); `genq run` draws progress.
 ProgressCallback = Callable[[int, int], None]
 
@@ -76,7 +80,7 @@ class _ShardJob:
     pending: dict[str, InputLine] = field(default_factory=dict)  # custom_id -> line, not yet stored
 
 
-def default_model_loader(model_id: str) -> Any:
+def default_model_loader(model_id: str) -> ServedModel:
     """The runtime's cached loader, imported here so torch loads only in worker processes."""
     from workers.runtime.loader import load_model
 
@@ -85,13 +89,6 @@ def default_model_loader(model_id: str) -> Any:
 
 class ResultWriteError(RuntimeError):
     """Storing a result failed (database down): the shard is retried, no request is blamed."""
-
-
-def _is_systemic(exc: BaseException) -> bool:
-    # Out of memory (host or device) and a failing database are about the worker, not the request:
-    # retry the shard elsewhere instead of looking for a poison request.
-    return isinstance(exc, MemoryError | ResultWriteError) or type(exc).__name__ in ("OutOfMemoryError",
-                                                                                     "OutOfBlocksError")
 
 
 class Heartbeat(threading.Thread):
@@ -141,7 +138,7 @@ class Heartbeat(threading.Thread):
 class _ResultWriter:
     """Turns generation results into stored rows, fenced by the shard's attempt."""
 
-    def __init__(self, *, settings: Settings, job: _ShardJob, worker_id: str, lm: Any, heartbeat: Heartbeat,
+    def __init__(self, *, settings: Settings, job: _ShardJob, worker_id: str, lm: ServedModel, heartbeat: Heartbeat,
                  on_progress: ProgressCallback | None) -> None:
         self.url = settings.resolved_database_url()
         self.job = job
@@ -172,9 +169,8 @@ class _ResultWriter:
         item = self.job.pending.get(result.request_id)
         if item is None:
             return
-        error = getattr(result, "error", None)
-        if error:  # the runtime refused this one request
-            self.failure(item, _as_request_error(error))
+        if result.error is not None:  # the runtime refused this one request
+            self.failure(item, _as_request_error(result.error))
             return
         body = response_body(endpoint=self.job.endpoint, body=item.body, batch_id=self.job.batch_id,
                              custom_id=item.custom_id, result=result, lm=self.lm)
@@ -190,13 +186,13 @@ class _ResultWriter:
                               output_line=line))
 
 
-def _as_request_error(error: Any) -> RequestError:
-    if isinstance(error, RequestError):
-        return error
-    message = str(error)
-    if type(error).__name__ == "ContextLengthError" or "context length" in message:
-        return RequestError(message, "context_length_exceeded", "messages")
-    return RequestError(message, "invalid_request", None)
+def _as_request_error(error: RequestFailure) -> RequestError:
+    """The error line of a request the runtime refused or failed on."""
+    if isinstance(error, ContextLengthError):
+        return RequestError(str(error), "context_length_exceeded", "messages")
+    if isinstance(error, GenerationFailedError):
+        return RequestError(str(error), "generation_failed", None, type="server_error", status_code=500)
+    return RequestError(str(error), "invalid_request", None)
 
 
 def _load_job(settings: Settings, shard_id: int, worker_id: str) -> tuple[_ShardJob | None, str | None]:
@@ -277,25 +273,7 @@ def _generate(*, settings: Settings, job: _ShardJob, worker_id: str, model_loade
                                           default_max_tokens=settings.default_max_tokens))
         except RequestError as error:
             writer.failure(item, error)
-    try:
-        _run_model(lm, requests, writer, heartbeat, settings.max_batch_size)
-    except Exception as exc:
-        if _is_systemic(exc) or heartbeat.should_stop():
-            raise
-        # Find the request that breaks the batch: run what is left one at a time; each that still
-        # raises gets its own error line (500 server_error), and the others complete.
-        log.warning("shard %s: generation failed (%s); retrying its requests one by one", job.shard_id, exc)
-        for request in requests:
-            if request.request_id not in job.pending or heartbeat.should_stop():
-                continue
-            try:
-                _run_model(lm, [request], writer, heartbeat, 1)
-            except Exception as single:
-                if _is_systemic(single):
-                    raise
-                writer.failure(job.pending[request.request_id], RequestError(
-                    f"the model failed on this request: {type(single).__name__}: {single}", "generation_failed",
-                    None, type="server_error", status_code=500))
+    _run_model(lm, requests, writer, heartbeat)
     outcome.written = writer.written
     if job.pending and heartbeat.stop_requested.is_set():
         outcome.status = "cancelled"
@@ -304,12 +282,18 @@ def _generate(*, settings: Settings, job: _ShardJob, worker_id: str, model_loade
         raise RuntimeError(f"{len(job.pending)} requests of shard {job.shard_id} produced no result")
 
 
-def _run_model(lm: Any, requests: list[GenerationRequest], writer: _ResultWriter, heartbeat: Heartbeat,
-               max_batch_size: int) -> None:
+def _run_model(lm: ServedModel, requests: list[GenerationRequest], writer: _ResultWriter,
+               heartbeat: Heartbeat) -> None:
+    """Submits the requests to the engine and stores each result as it finishes; on cancel, expiry or a
+    lost lease, aborts what is still running (only this shard's requests)."""
     if not requests:
         return
-    results = lm.generate(requests, on_result=writer.success, should_stop=heartbeat.should_stop,
-                          max_batch_size=max_batch_size)
-    for result in results or []:  # in case a runtime returns results without calling on_result
-        if result.request_id in writer.job.pending:
-            writer.success(result)
+    handle = lm.submit(requests)
+    try:
+        while not handle.done:
+            if heartbeat.should_stop():
+                return
+            for result in handle.results(timeout=min(0.5, heartbeat.interval)):
+                writer.success(result)
+    finally:
+        handle.abort()

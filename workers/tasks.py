@@ -1,7 +1,8 @@
 """The Celery tasks: thin wrappers that take ids, call a plain function, and record the outcome.
 
-Models load in the pool child (worker_process_init) or lazily at the first shard, never in the
-parent: CUDA does not survive fork.
+A worker is one process per GPU whose pool threads each hold a shard, all feeding that process's
+engine (workers.runtime.engine_loop). Models load before the pool starts (`preload_models`, threads
+pool) or in the pool child (prefork: CUDA does not survive fork), or lazily at the first shard.
 """
 
 from __future__ import annotations
@@ -30,13 +31,18 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+def preload_models() -> None:
+    """Loads PRELOAD_MODELS into this process (cached by the loader)."""
+    for model_id in PRELOAD_MODELS:
+        log.info("loading %s in %s", model_id, worker_id())
+        default_model_loader(model_id)
+
+
 @worker_process_init.connect
 def _init_child(**_: object) -> None:
     # Connections inherited from the parent must not be shared with it after fork.
     get_engine(get_settings().resolved_database_url()).dispose(close=False)
-    for model_id in PRELOAD_MODELS:
-        log.info("loading %s in %s", model_id, worker_id())
-        default_model_loader(model_id)
+    preload_models()
 
 
 @app.task(name=RUN_SHARD_TASK, ignore_result=True)

@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -107,13 +109,24 @@ def run(
     worker_id = f"embedded:{os.getpid()}"
     started = time.monotonic()
     console.print(f"batch {batch_id}: {total} requests in {len(shards)} shard(s); data in {home}")
+    # Shards run on threads, several at once, all feeding this process's one engine: the running batch
+    # stays full across shard boundaries, as in a worker.
+    pool = ThreadPoolExecutor(max_workers=max(1, settings.worker_shards), thread_name_prefix="shard")
     try:
         with progress_bar() as progress:
             task = progress.add_task("generating", total=total, tokens=0)
+            lock = threading.Lock()
 
             def advance(_prompt_tokens: int, completion_tokens: int) -> None:
-                tokens = progress.tasks[task].fields["tokens"] + completion_tokens
-                progress.update(task, advance=1, tokens=tokens)
+                with lock:
+                    tokens = progress.tasks[task].fields["tokens"] + completion_tokens
+                    progress.update(task, advance=1, tokens=tokens)
+
+            def run_one(shard_id: int) -> bool:
+                outcome = run_shard(settings=settings, shard_id=shard_id, worker_id=worker_id, on_progress=advance)
+                if outcome.status in ("released", "failed") and outcome.error:
+                    console.print(f"[yellow]shard {shard_id} attempt {outcome.attempt}: {outcome.error}[/]")
+                return outcome.status != "not_claimed"
 
             while True:
                 # A shard still running here lost its lease (a long SQLite lock, say): run_shard claims it
@@ -124,12 +137,7 @@ def run(
                         .order_by(Shard.index)))
                 if not unfinished:
                     break
-                claimed = False
-                for shard_id in unfinished:
-                    outcome = run_shard(settings=settings, shard_id=shard_id, worker_id=worker_id, on_progress=advance)
-                    claimed |= outcome.status != "not_claimed"
-                    if outcome.status in ("released", "failed") and outcome.error:
-                        console.print(f"[yellow]shard {shard_id} attempt {outcome.attempt}: {outcome.error}[/]")
+                claimed = any(f.result() for f in [pool.submit(run_one, shard_id) for shard_id in unfinished])
                 if not claimed:
                     time.sleep(1.0)  # waiting for a lost lease to expire
             maybe_finalize(settings, batch_id)
@@ -137,10 +145,13 @@ def run(
         console.print("[yellow]interrupted: cancelling; finished requests are kept[/]")
         with session_scope(url) as session:
             request_cancel(session=session, tenant_id=tenant_id, batch_id=batch_id)
-            # This process held the running shard; nobody else will finish it.
-            abandon_running_shards(session=session, batch_id=batch_id)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        pool.shutdown(wait=True, cancel_futures=True)  # running shards see the cancel within a heartbeat
+        with session_scope(url) as session:
+            abandon_running_shards(session=session, batch_id=batch_id)  # this process held them
         maybe_finalize(settings, batch_id)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
 
     with session_scope(url) as session:
         batch = session.get(Batch, batch_id)

@@ -53,13 +53,15 @@ def worker(
                                                      "comma-separated); default: one per served model.")] = None,
     models: Annotated[str | None, typer.Option(help="Comma-separated model ids to serve and load at start; "
                                                "default: every registry model, loaded at first use.")] = None,
-    concurrency: Annotated[int, typer.Option("--concurrency", "-c", help="Pool processes; 1 per GPU.")] = 1,
-    pool: Annotated[str, typer.Option(help="Celery pool; prefork keeps CUDA out of the parent.")] = "prefork",
+    concurrency: Annotated[int | None, typer.Option("--concurrency", "-c", help="Shards held at once, all "
+                                                    "feeding this process's engine [GENQ_WORKER_SHARDS].")] = None,
+    pool: Annotated[str, typer.Option(help="Celery pool: threads (one process, one engine per model) or "
+                                      "prefork (a child per -c, each with its own engine).")] = "threads",
     reaper: Annotated[bool, typer.Option(help="Also run the reaper loop in a sibling process.")] = True,
     loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
     hostname: Annotated[str | None, typer.Option("--hostname", "-n", help="Celery node name.")] = None,
 ) -> None:
-    """Run a Celery worker for model queues (prefork -c 1: one per GPU, with CUDA_VISIBLE_DEVICES)."""
+    """Run a Celery worker for model queues: one per GPU (CUDA_VISIBLE_DEVICES), holding several shards."""
     from workers import tasks
     from workers.celery_app import app as celery_app
     from workers.dispatch import queue_for_model
@@ -71,7 +73,10 @@ def worker(
         raise typer.Exit(EXIT_SYSTEM_FAILURE)
     served = [m.strip() for m in models.split(",") if m.strip()] if models else []
     if models:
-        tasks.PRELOAD_MODELS[:] = served  # loaded in each pool child (worker_process_init), never the parent
+        tasks.PRELOAD_MODELS[:] = served
+        if pool != "prefork":  # one process: load here, once (prefork loads in each child instead)
+            tasks.preload_models()
+    concurrency = concurrency or settings.worker_shards
     names = [q.strip() for item in (queues or []) for q in item.split(",") if q.strip()]
     if not names:
         names = [queue_for_model(m) for m in (served or [spec.id for spec in list_models(settings)])]

@@ -48,15 +48,15 @@ def test_expired_batch_gets_batch_expired_lines(settings, make_batch, fake_model
 def test_running_shard_stops_when_its_batch_expires(settings, make_batch):
     model = FakeModel(step_delay=0.1)
     made = make_batch([chat_line(f"r{i}", f"hello {i}") for i in range(4)])
-    original = model.generate
+    original = model.submit
 
-    def generate_then_expire(*args, **kwargs):
+    def submit_then_expire(requests):
         with session_scope(settings.database_url) as session:
             session.execute(update(Batch).where(Batch.id == made.batch_id).values(expires_at=int(time.time()) - 1))
         reap(settings)
-        return original(*args, **kwargs)
+        return original(requests)
 
-    model.generate = generate_then_expire
+    model.submit = submit_then_expire
     outcome = run_shard(settings=settings, shard_id=made.shard_ids[0], worker_id="w", model_loader=lambda _m: model)
     assert outcome.status == "cancelled" and outcome.finalized
     batch = _batch(settings, made.batch_id)

