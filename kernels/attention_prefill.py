@@ -214,6 +214,16 @@ def write_kv_reference(
     v_cache[blocks, offsets] = v.to(v_cache.dtype)
 
 
+def heads_first(cache: torch.Tensor) -> torch.Tensor:
+    """The cache [num_blocks, block_size, kv_heads, D] viewed as [kv_heads, num_blocks, block_size, D].
+
+    A view either way; when the storage itself is head-major (workers.runtime.kv_cache allocates it so),
+    gathering a sequence's blocks from this view copies whole [block_size, D] runs and yields K/V
+    already laid out [kv_heads, tokens, D] for a matmul, with no second copy.
+    """
+    return cache.permute(2, 0, 1, 3)
+
+
 def prefill_attention_reference(
     q: torch.Tensor,  # [T, q_heads, D], T = new tokens of all sequences, packed
     k_cache: torch.Tensor,  # [num_blocks, block_size, kv_heads, D], already holding the new tokens' K
@@ -237,8 +247,9 @@ def prefill_attention_reference(
             continue
         total, new = lengths[s], end - start
         blocks = block_tables[s, : -(-total // block_size)].to(torch.int64)
-        # [1, H, L, D]: this sequence's keys/values gathered block by block, then cut to its length.
-        ks, vs = (c[blocks].flatten(0, 1)[:total].float().transpose(0, 1)[None] for c in (k_cache, v_cache))
+        # [1, Hkv, L, D]: this sequence's keys/values gathered block by block (one copy, contiguous when
+        # the cache is stored head-major, see heads_first), then cut to its length.
+        ks, vs = (heads_first(c)[:, blocks].flatten(1, 2)[None, :, :total].float() for c in (k_cache, v_cache))
         qs = q[start:end].float().transpose(0, 1)[None]
         if total == new:  # no cached prefix: plain causal
             attended = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=sm_scale, enable_gqa=True)

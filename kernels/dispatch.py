@@ -64,15 +64,19 @@ def prefill_attention(
 
 def decode_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-    seq_lens: torch.Tensor, sm_scale: float, *, max_seq_len: int | None = None,
+    seq_lens: torch.Tensor, sm_scale: float, *, max_seq_len: int | None = None, shared_blocks: int = 0,
 ) -> torch.Tensor:
     """One query per sequence, q [B, Hq, D] -> out [B, Hq, D], against the paged cache.
 
     max_seq_len (largest seq_lens entry), when given, saves the Triton path a device sync.
+    shared_blocks (the leading block-table entries every row has in common: a shared prompt prefix)
+    lets the reference score those keys once for all rows (cascade); the Triton kernel reads each
+    row's table whole and ignores it.
     """
     if use_triton_attention(q):
         return decode_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, sm_scale, max_seq_len=max_seq_len)
-    return decode_attention_reference(q, k_cache, v_cache, block_tables, seq_lens, sm_scale)
+    return decode_attention_reference(q, k_cache, v_cache, block_tables, seq_lens, sm_scale,
+                                      shared_blocks=shared_blocks)
 
 
 def write_kv(

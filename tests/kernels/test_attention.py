@@ -279,6 +279,48 @@ def test_decode_bf16_is_upcast_in_interpreter():
     run_decode([20, 33], 4, 2, 64, 16, torch.bfloat16, num_splits=2)
 
 
+def test_head_major_cache_view_through_both_kernels():
+    """The engine stores the cache [Hkv, num_blocks, block_size, D] and passes the permuted view: the
+    kernels go by strides, so they must agree with the reference on it."""
+    gen = torch.Generator().manual_seed(5)
+    k_dense, v_dense, table = paged_cache(gen, 3, 70, 16, 2, 64, torch.float32, fill=True)
+    k_cache, v_cache = (c.permute(2, 0, 1, 3).contiguous().permute(1, 2, 0, 3) for c in (k_dense, v_dense))
+    assert k_cache.stride(2) > k_cache.stride(0) and torch.equal(k_cache, k_dense)
+    q = torch.randn(3, 8, 64, generator=gen)
+    seq_lens = torch.tensor([70, 33, 1], dtype=torch.int32)
+    ref = decode_attention_reference(q, k_dense, v_dense, table, seq_lens, 0.125)
+    torch.testing.assert_close(decode_attention_triton(q, k_cache, v_cache, table, seq_lens, 0.125), ref,
+                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(decode_attention_reference(q, k_cache, v_cache, table, seq_lens, 0.125), ref)
+    qp = torch.randn(12, 8, 64, generator=gen)
+    cu = torch.tensor([0, 5, 12, 12], dtype=torch.int32)  # 5 new after 65 cached, 7 after 26, none
+    ref = prefill_attention_reference(qp, k_dense, v_dense, cu, seq_lens, table, 0.125)
+    torch.testing.assert_close(prefill_attention_triton(qp, k_cache, v_cache, cu, seq_lens, table, 0.125), ref,
+                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shared_blocks", [1, 3])
+@pytest.mark.parametrize("q_heads,kv_heads", [(3, 3), (9, 3), (8, 1)], ids=lambda x: str(x))
+def test_decode_reference_cascade_over_a_shared_prefix(q_heads, kv_heads, shared_blocks):
+    """Rows whose first blocks are one shared prefix: scoring it once for all rows equals plain attention."""
+    gen = torch.Generator().manual_seed(q_heads + shared_blocks)
+    k_cache, v_cache, table = paged_cache(gen, 4, 90, 16, kv_heads, 64, torch.float32, fill=True)
+    table[:, :shared_blocks] = table[0, :shared_blocks]
+    q = torch.randn(4, q_heads, 64, generator=gen)
+    seq_lens = torch.tensor([90, 16 * shared_blocks + 1, 57, 16 * shared_blocks + 16], dtype=torch.int32)
+    plain = decode_attention_reference(q, k_cache, v_cache, table, seq_lens, 0.125)
+    cascade = decode_attention_reference(q, k_cache, v_cache, table, seq_lens, 0.125, shared_blocks=shared_blocks)
+    torch.testing.assert_close(cascade, plain, atol=1e-5, rtol=1e-5)
+    for b, length in enumerate(seq_lens.tolist()):  # and both equal attention over the gathered sequence
+        positions = torch.arange(length)
+        blocks, offsets = table[b, positions // 16].long(), positions % 16
+        k, v = k_cache[blocks, offsets], v_cache[blocks, offsets]  # [L, Hkv, D]
+        group = q_heads // kv_heads
+        scores = torch.einsum("hd,lhd->hl", q[b], k.repeat_interleave(group, 1)) * 0.125
+        expected = torch.einsum("hl,lhd->hd", torch.softmax(scores, -1), v.repeat_interleave(group, 1))
+        torch.testing.assert_close(cascade[b], expected, atol=1e-5, rtol=1e-5)
+
+
 def test_caches_strided_in_head_dim_are_refused():
     """Both kernels index the cache's D axis with unit steps; a cache that is not laid out so is an error."""
     k_cache = torch.zeros(4, 16, 64, 2).transpose(2, 3)  # [num_blocks, block_size, Hkv, D], D stride 2

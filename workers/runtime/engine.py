@@ -62,6 +62,17 @@ class EngineStats:
     generated_tokens: int
 
 
+def _common_prefix_length(tables: list[list[int]], limit: int) -> int:
+    """How many leading block ids all tables share (at most limit): blocks of one cached prompt prefix."""
+    if len(tables) < 2:
+        return 0
+    first = tables[0]
+    n = 0
+    while n < limit and all(t[n] == first[n] for t in tables):
+        n += 1
+    return n
+
+
 def _is_systemic(exc: BaseException) -> bool:
     """Out of memory (host or device) is about the worker, not a request."""
     return isinstance(exc, MemoryError | torch.OutOfMemoryError)
@@ -225,6 +236,7 @@ class Engine:
                 sampling.append(s)
         width = max(len(t) for t in tables)
         dev = self.device
+        shared = _common_prefix_length(tables[:num_decodes], (min(seq_lens[:num_decodes], default=1) - 1) // bs)
         batch = ForwardBatch(
             tokens=torch.tensor(tokens, dtype=torch.int64, device=dev),
             positions=torch.tensor(positions, dtype=torch.int64, device=dev),
@@ -235,6 +247,7 @@ class Engine:
             cu_seqlens=torch.tensor(cu, dtype=torch.int32, device=dev) if len(cu) > 1 else None,
             logits_indices=torch.tensor(logits_rows, dtype=torch.int64, device=dev),
             max_decode_len=max(seq_lens[:num_decodes], default=None),
+            decode_shared_blocks=shared,
             max_prefill_new=max((s.num_new for s in rows[num_decodes:]), default=None),
         )
         logits = self.model(batch, self.cache)  # [len(sampling), V] fp32

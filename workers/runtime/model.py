@@ -39,6 +39,7 @@ class ForwardBatch:
     logits_indices: torch.Tensor | None = None  # rows of T whose logits are wanted; None: all T
     # Known on the host, passed so that the Triton launchers need no device sync once per layer:
     max_decode_len: int | None = None  # largest seq_lens entry of the decode rows
+    decode_shared_blocks: int = 0  # leading block-table entries all decode rows share (a cached prompt prefix)
     max_prefill_new: int | None = None  # most new tokens of one prefill row
 
 
@@ -85,7 +86,8 @@ class Attention(nn.Module):
         parts = []
         if d:
             parts.append(kernels.decode_attention(q[:d], k_cache, v_cache, batch.block_tables[:d], batch.seq_lens[:d],
-                                                  self.sm_scale, max_seq_len=batch.max_decode_len))
+                                                  self.sm_scale, max_seq_len=batch.max_decode_len,
+                                                  shared_blocks=batch.decode_shared_blocks))
         if tokens > d:
             parts.append(kernels.prefill_attention(q[d:], k_cache, v_cache, batch.cu_seqlens, batch.seq_lens[d:],
                                                    batch.block_tables[d:], self.sm_scale,
