@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.attention_prefill import heads_first
+from kernels.attention_prefill import prefill_attention_reference
 
 try:
     import triton
@@ -227,43 +227,10 @@ def decode_attention_reference(
     seq_lens: torch.Tensor,  # [B] int32, tokens in the cache for each sequence (incl. the current one)
     sm_scale: float,
     *,
-    shared_blocks: int = 0,  # the first shared_blocks entries are the same blocks in every row
+    shared_blocks: int = 0,  # the first shared_blocks entries are the same cached blocks in every row
 ) -> torch.Tensor:
-    """Returns out [B, q_heads, D] (q's dtype); softmax in fp32.
-
-    Cascade form for a shared prefix (every sequence's first shared_blocks blocks are one prompt's
-    cached blocks): its keys are gathered once and scored against all B * q_heads queries in one matmul
-    per KV head; only each sequence's own blocks are gathered per sequence. Both score sets share one
-    softmax, so the result is the plain attention over each sequence's whole context.
-    """
-    batch, q_heads, head_dim = q.shape
-    block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
-    group = q_heads // kv_heads
-    k_heads, v_heads = heads_first(k_cache), heads_first(v_cache)  # [Hkv, num_blocks, block_size, D]
-    q_grouped = q.float().view(batch, kv_heads, group, head_dim).transpose(0, 1)  # [Hkv, B, g, D]
-    shared_len = shared_blocks * block_size
-    scores, values = [], []
-    if shared_blocks:
-        blocks = block_tables[0, :shared_blocks].to(torch.int64)
-        keys = k_heads[:, blocks].flatten(1, 2).float()  # [Hkv, P, D]
-        values.append(v_heads[:, blocks].flatten(1, 2).float())
-        flat_q = q_grouped.reshape(kv_heads, batch * group, head_dim)
-        scores.append((flat_q @ keys.transpose(1, 2)).view(kv_heads, batch, group, shared_len))  # [Hkv, B, g, P]
-    own_len = int(seq_lens.max()) - shared_len
-    if own_len > 0:
-        own = -(-own_len // block_size)
-        blocks = block_tables[:, shared_blocks:shared_blocks + own].to(torch.int64)  # [B, own]
-        keys = k_heads[:, blocks].flatten(2, 3).float()  # [Hkv, B, own * block_size, D]
-        values.append(v_heads[:, blocks].flatten(2, 3).float())
-        own_scores = q_grouped @ keys.transpose(2, 3)  # [Hkv, B, g, own * block_size]
-        positions = torch.arange(shared_len, shared_len + own * block_size, device=q.device)
-        valid = positions[None, :] < seq_lens[:, None].to(positions.dtype)  # [B, L]
-        scores.append(own_scores.masked_fill(~valid[None, :, None, :], float("-inf")))
-    probs = torch.softmax(torch.cat(scores, dim=-1) * sm_scale, dim=-1)
-    out = torch.zeros_like(q_grouped)
-    if shared_blocks:
-        p = probs[..., :shared_len].reshape(kv_heads, batch * group, shared_len)
-        out += (p @ values[0]).view(kv_heads, batch, group, head_dim)
-    if own_len > 0:
-        out += probs[..., shared_len:] @ values[-1]
-    return out.transpose(0, 1).reshape(batch, q_heads, head_dim).to(q.dtype)
+    """Returns out [B, q_heads, D] in q's dtype (fp32 softmax and accumulation): a prefill of one new token
+    per sequence, the current one (prefill_attention_reference, cascade over a shared prefix included)."""
+    cu_seqlens = torch.arange(q.shape[0] + 1, dtype=torch.int32, device=q.device)
+    return prefill_attention_reference(q, k_cache, v_cache, cu_seqlens, seq_lens, block_tables, sm_scale,
+                                       shared_blocks=shared_blocks)

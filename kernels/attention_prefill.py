@@ -19,7 +19,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 try:
     import triton
@@ -214,14 +213,31 @@ def write_kv_reference(
     v_cache[blocks, offsets] = v.to(v_cache.dtype)
 
 
-def heads_first(cache: torch.Tensor) -> torch.Tensor:
-    """The cache [num_blocks, block_size, kv_heads, D] viewed as [kv_heads, num_blocks, block_size, D].
+def gather_blocks(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """The listed blocks of a cache [num_blocks, block_size, kv_heads, D], in order: [len(blocks) * block_size,
+    kv_heads, D]. One index_select of whole blocks (contiguous runs), far faster on CPU than indexing
+    by token; a cache that is not contiguous (a test's strided view) is gathered by indexing."""
+    if not cache.is_contiguous():
+        return cache[blocks].flatten(0, 1)
+    return torch.index_select(cache.flatten(1), 0, blocks).view(-1, *cache.shape[2:])
 
-    A view either way; when the storage itself is head-major (workers.runtime.kv_cache allocates it so),
-    gathering a sequence's blocks from this view copies whole [block_size, D] runs and yields K/V
-    already laid out [kv_heads, tokens, D] for a matmul, with no second copy.
+
+def attend_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
+                    mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out [N, H, M, D] in q's dtype, logsumexp [N, H, M] fp32) of softmax(q k^T * scale) v, q/k/v [N, H, ., D].
+
+    mask: bool [N, 1, M, L] or broadcastable, True where a key is visible. On CPU this is torch's fused
+    flash kernel (fp32 accumulation in any dtype, strided inputs, and the log-sum-exp that lets two
+    partial attentions be merged); elsewhere the same maths in fp32.
     """
-    return cache.permute(2, 0, 1, 3)
+    if q.device.type == "cpu":
+        bias = None if mask is None else torch.zeros(mask.shape, dtype=q.dtype).masked_fill_(~mask, float("-inf"))
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=bias, scale=scale)
+    scores = (q.float() @ k.float().transpose(-1, -2)) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    return (torch.exp(scores - lse[..., None]) @ v.float()).to(q.dtype), lse
 
 
 def prefill_attention_reference(
@@ -232,30 +248,70 @@ def prefill_attention_reference(
     seq_lens: torch.Tensor,  # [B] int32, tokens in the cache per sequence: cached prefix + new tokens
     block_tables: torch.Tensor,  # [B, max_blocks] int32
     sm_scale: float,
+    *,
+    shared_blocks: int = 0,  # the first shared_blocks entries are the same cached blocks in every row
 ) -> torch.Tensor:
-    """Returns out [T, q_heads, D] (q's dtype); softmax in fp32.
+    """Returns out [T, q_heads, D] in q's dtype (fp32 softmax and accumulation).
 
     Sequence s has seq_lens[s] - n_s tokens already cached (a prefix-cache hit or an earlier chunk)
     and n_s new ones; new token i sits at position seq_lens[s] - n_s + i and attends to every cached
     position up to its own (causal, bottom-right aligned).
+
+    All sequences in two fused attention calls (cascade attention): the shared prefix's keys, gathered
+    once, against every new token of every sequence (all of them come after it: no mask); then each
+    sequence's own blocks, gathered and padded to the longest, against its own new tokens (causal mask).
+    The query heads of a KV head stack into one query block ([group * n, D], GQA without repeating
+    K/V). The two partial results merge by their log-sum-exp into exact attention over the context.
     """
+    total_tokens, q_heads, head_dim = q.shape
+    block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = q_heads // kv_heads
+    bounds, totals = cu_seqlens.tolist(), seq_lens.tolist()
+    rows = [s for s in range(len(totals)) if bounds[s + 1] > bounds[s]]
     out = torch.empty_like(q)
-    block_size = k_cache.shape[1]
-    bounds, lengths = cu_seqlens.tolist(), seq_lens.tolist()
-    for s, (start, end) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
-        if end == start:
-            continue
-        total, new = lengths[s], end - start
-        blocks = block_tables[s, : -(-total // block_size)].to(torch.int64)
-        # [1, Hkv, L, D]: this sequence's keys/values gathered block by block (one copy, contiguous when
-        # the cache is stored head-major, see heads_first), then cut to its length.
-        ks, vs = (heads_first(c)[:, blocks].flatten(1, 2)[None, :, :total].float() for c in (k_cache, v_cache))
-        qs = q[start:end].float().transpose(0, 1)[None]
-        if total == new:  # no cached prefix: plain causal
-            attended = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=sm_scale, enable_gqa=True)
-        else:
-            visible = torch.arange(total, device=q.device)[None, :] <= torch.arange(total - new, total,
-                                                                                     device=q.device)[:, None]
-            attended = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=visible, scale=sm_scale, enable_gqa=True)
-        out[start:end] = attended[0].transpose(0, 1).to(q.dtype)
+    if not rows:
+        return out
+    dev = q.device
+    new = [bounds[s + 1] - bounds[s] for s in rows]
+    n_max, num_rows = max(new), len(rows)
+    shared_len = shared_blocks * block_size
+    # Padded queries [R, Hkv, group * n_max, D]: slot i of row r is packed token bounds[s] + i, or a zero
+    # row past the row's end (its output is dropped; it sits at the row's last position, never masked out).
+    slot = [[bounds[s] + min(i, n - 1) for i in range(n_max)] for s, n in zip(rows, new, strict=True)]
+    index = torch.tensor(slot, device=dev)  # [R, n_max]
+    padded = q[index].view(num_rows, n_max, kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
+    padded = padded.reshape(num_rows, kv_heads, group * n_max, head_dim)
+    parts = []
+    if shared_blocks:
+        blocks = block_tables[rows[0], :shared_blocks].to(torch.int64)
+        keys, values = (gather_blocks(c, blocks).transpose(0, 1)[None] for c in (k_cache, v_cache))  # [1, Hkv, P, D]
+        every = padded.transpose(0, 1).reshape(1, kv_heads, num_rows * group * n_max, head_dim)
+        part, lse = attend_with_lse(every, keys, values, scale=sm_scale)
+        parts.append((part.view(kv_heads, num_rows, group * n_max, head_dim).transpose(0, 1),
+                      lse.view(kv_heads, num_rows, group * n_max).transpose(0, 1)))
+    own_blocks = -(-(max(totals[s] for s in rows) - shared_len) // block_size)
+    table = block_tables[rows][:, shared_blocks:shared_blocks + own_blocks].to(torch.int64)
+    own = own_blocks * block_size
+    keys, values = (gather_blocks(c, table.flatten()).view(num_rows, own, kv_heads, head_dim).transpose(1, 2)
+                    for c in (k_cache, v_cache))  # [R, Hkv, own, D]
+    query_pos = torch.tensor([[totals[s] - n + min(i, n - 1) for i in range(n_max)] for s, n in zip(rows, new,
+                                                                                                    strict=True)],
+                             device=dev)  # [R, n_max]
+    key_pos = torch.arange(shared_len, shared_len + own, device=dev)
+    visible = key_pos[None, None, :] <= query_pos[:, :, None]  # [R, n_max, own]; implies key_pos < seq_len
+    visible = visible[:, None].expand(num_rows, group, n_max, own).reshape(num_rows, 1, group * n_max, own)
+    parts.append(attend_with_lse(padded, keys, values, scale=sm_scale, mask=visible))
+    merged = merge_attention(parts)  # [R, Hkv, group * n_max, D]
+    merged = merged.view(num_rows, kv_heads, group, n_max, head_dim).permute(0, 3, 1, 2, 4)
+    merged = merged.reshape(num_rows, n_max, q_heads, head_dim)
+    keep = torch.tensor([[i < n for i in range(n_max)] for n in new], device=dev)
+    out[index[keep]] = merged[keep].to(q.dtype)
     return out
+
+
+def merge_attention(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """One attention result from partial ones over disjoint key sets, (out [..., M, D], lse [..., M]) each."""
+    if len(parts) == 1:
+        return parts[0][0]
+    lse = torch.logsumexp(torch.stack([p_lse for _, p_lse in parts]), dim=0)
+    return sum(p_out.float() * torch.exp(p_lse - lse)[..., None] for p_out, p_lse in parts)

@@ -47,19 +47,21 @@ def sample(logits: torch.Tensor, meta: SamplingMetadata) -> tuple[torch.Tensor, 
 
 def prefill_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens: torch.Tensor, seq_lens: torch.Tensor,
-    block_tables: torch.Tensor, sm_scale: float, *, max_seqlen_q: int | None = None,
+    block_tables: torch.Tensor, sm_scale: float, *, max_seqlen_q: int | None = None, shared_blocks: int = 0,
 ) -> torch.Tensor:
     """Causal attention of packed new tokens q [T, Hq, D] -> out [T, Hq, D] against the paged cache.
 
     The new tokens' K/V must already be in the cache (write_kv). Sequence s has seq_lens[s] tokens
     cached in all, the last cu_seqlens[s+1] - cu_seqlens[s] of them new; the others are a cached prefix
     (a prefix-cache hit or an earlier chunk of a chunked prefill). max_seqlen_q (most new tokens of one
-    sequence), when given, saves the Triton path a device sync.
+    sequence), when given, saves the Triton path a device sync. shared_blocks: as for decode_attention
+    (blocks every row holds before its new tokens).
     """
     if use_triton_attention(q):
         return prefill_attention_triton(q, k_cache, v_cache, cu_seqlens, seq_lens, block_tables, sm_scale,
                                         max_seqlen_q=max_seqlen_q)
-    return prefill_attention_reference(q, k_cache, v_cache, cu_seqlens, seq_lens, block_tables, sm_scale)
+    return prefill_attention_reference(q, k_cache, v_cache, cu_seqlens, seq_lens, block_tables, sm_scale,
+                                       shared_blocks=shared_blocks)
 
 
 def decode_attention(

@@ -280,8 +280,8 @@ def test_decode_bf16_is_upcast_in_interpreter():
 
 
 def test_head_major_cache_view_through_both_kernels():
-    """The engine stores the cache [Hkv, num_blocks, block_size, D] and passes the permuted view: the
-    kernels go by strides, so they must agree with the reference on it."""
+    """A cache stored [Hkv, num_blocks, block_size, D] and passed as the permuted view: the kernels go by
+    strides, so they must agree with the reference on it."""
     gen = torch.Generator().manual_seed(5)
     k_dense, v_dense, table = paged_cache(gen, 3, 70, 16, 2, 64, torch.float32, fill=True)
     k_cache, v_cache = (c.permute(2, 0, 1, 3).contiguous().permute(1, 2, 0, 3) for c in (k_dense, v_dense))

@@ -26,6 +26,7 @@ from workers.runtime.errors import (
     InvalidGenerationRequest,
     RequestFailure,
 )
+from workers.runtime.host_memory import keep_freed_memory
 from workers.runtime.kv_cache import DEFAULT_BLOCK_SIZE, KVCache, blocks_for
 from workers.runtime.kv_cache_manager import KVCacheManager
 from workers.runtime.model import ForwardBatch, Transformer
@@ -89,6 +90,8 @@ class Engine:
         c = model.config
         param = model.tok_embeddings.weight
         self.device, self.dtype = param.device, param.dtype
+        if self.device.type == "cpu":
+            keep_freed_memory()
         self.vocab_size = c.vocab_size
         self.block_size = config.block_size
         bytes_per_block = 2 * c.n_layers * config.block_size * c.n_kv_heads * c.head_dim * param.element_size()
@@ -236,7 +239,11 @@ class Engine:
                 sampling.append(s)
         width = max(len(t) for t in tables)
         dev = self.device
-        shared = _common_prefix_length(tables[:num_decodes], (min(seq_lens[:num_decodes], default=1) - 1) // bs)
+        # Blocks every decode (or prefill) row holds before its new tokens: attended once for all (cascade).
+        decode_shared = _common_prefix_length(tables[:num_decodes],
+                                              (min(seq_lens[:num_decodes], default=1) - 1) // bs)
+        prefill_shared = _common_prefix_length(tables[num_decodes:], min(
+            (s.num_computed // bs for s in rows[num_decodes:]), default=0))
         batch = ForwardBatch(
             tokens=torch.tensor(tokens, dtype=torch.int64, device=dev),
             positions=torch.tensor(positions, dtype=torch.int64, device=dev),
@@ -247,7 +254,8 @@ class Engine:
             cu_seqlens=torch.tensor(cu, dtype=torch.int32, device=dev) if len(cu) > 1 else None,
             logits_indices=torch.tensor(logits_rows, dtype=torch.int64, device=dev),
             max_decode_len=max(seq_lens[:num_decodes], default=None),
-            decode_shared_blocks=shared,
+            decode_shared_blocks=decode_shared,
+            prefill_shared_blocks=prefill_shared,
             max_prefill_new=max((s.num_new for s in rows[num_decodes:]), default=None),
         )
         logits = self.model(batch, self.cache)  # [len(sampling), V] fp32

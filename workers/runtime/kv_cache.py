@@ -15,20 +15,15 @@ DEFAULT_BLOCK_SIZE = 16
 
 
 class KVCache:
-    """The cache tensors of every layer, allocated once (zero pages: memory is touched as blocks fill).
-
-    Stored head-major, [kv_heads, num_blocks, block_size, head_dim], and handed out as the permuted view
-    [num_blocks, block_size, kv_heads, head_dim] that kernels/ takes (they go by strides, unit in D): the
-    CPU attention references then gather a sequence's blocks as whole [block_size, D] runs per head.
-    """
+    """The cache tensors of every layer, allocated once (zero pages: memory is touched as blocks fill)."""
 
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, device: torch.device,
                  dtype: torch.dtype) -> None:
-        shape = (config.n_kv_heads, num_blocks, block_size, config.head_dim)
+        shape = (num_blocks, block_size, config.n_kv_heads, config.head_dim)
         self.block_size = block_size
         self.num_blocks = num_blocks
-        self.k = [torch.zeros(shape, device=device, dtype=dtype).permute(1, 2, 0, 3) for _ in range(config.n_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype).permute(1, 2, 0, 3) for _ in range(config.n_layers)]
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
 
 
 def blocks_for(tokens: int, block_size: int) -> int:

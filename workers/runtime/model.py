@@ -40,6 +40,7 @@ class ForwardBatch:
     # Known on the host, passed so that the Triton launchers need no device sync once per layer:
     max_decode_len: int | None = None  # largest seq_lens entry of the decode rows
     decode_shared_blocks: int = 0  # leading block-table entries all decode rows share (a cached prompt prefix)
+    prefill_shared_blocks: int = 0  # the same for the prefill rows, all of it before their new tokens
     max_prefill_new: int | None = None  # most new tokens of one prefill row
 
 
@@ -91,7 +92,8 @@ class Attention(nn.Module):
         if tokens > d:
             parts.append(kernels.prefill_attention(q[d:], k_cache, v_cache, batch.cu_seqlens, batch.seq_lens[d:],
                                                    batch.block_tables[d:], self.sm_scale,
-                                                   max_seqlen_q=batch.max_prefill_new))
+                                                   max_seqlen_q=batch.max_prefill_new,
+                                                   shared_blocks=batch.prefill_shared_blocks))
         out = parts[0] if len(parts) == 1 else torch.cat(parts)
         return self.wo(out.reshape(tokens, c.q_size))
 
