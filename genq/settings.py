@@ -26,7 +26,7 @@ class Settings(BaseSettings):
     # Extra models: a JSON file mapping model id -> {"source": ..., "context_length": ...}.
     models_file: Path | None = None
     device: str = ""  # "" = cuda if available, else cpu
-    dtype: str = ""  # "" = bfloat16 on cuda, float32 on cpu
+    dtype: str = ""  # "" = bfloat16 on cuda and on CPUs with bf16 matmuls (AVX512-BF16, AMX), else float32
 
     # Limits and batching.
     max_file_bytes: int = 200 * 1024 * 1024
@@ -36,7 +36,7 @@ class Settings(BaseSettings):
     max_batch_size: int = 256  # sequences running together
     max_step_tokens: int = 2048  # tokens fed per engine step (decodes + prefill chunks)
     kv_cache_mb: int = 2048  # the KV-cache pool, allocated once per model
-    kv_block_size: int = 16  # tokens per KV-cache block (the prefix-cache granularity)
+    kv_block_size: int = 32  # tokens per KV-cache block (the prefix-cache granularity); 32 measured faster than 16
     prefix_caching: bool = True  # share the KV blocks of common prompt prefixes
     worker_shards: int = 4  # shards one worker (or `genq run`) holds at once, all feeding its engine
     completion_window_default: str = "24h"

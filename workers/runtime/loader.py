@@ -94,11 +94,28 @@ def resolve_device(settings: Settings) -> torch.device:
 
 
 def resolve_dtype(settings: Settings, device: torch.device) -> torch.dtype:
+    """GENQ_DTYPE, else bf16 on CUDA and on CPUs with bf16 matmul instructions, else fp32.
+
+    Measured on a 2-core AVX512-BF16 EPYC (bench/engine_vs_peers.py): bf16 matmuls run about 4x fp32's
+    FLOP/s, and held-out perplexity moves by 0.2% (the bar is 2%).
+    """
     if settings.dtype:
         if settings.dtype not in _DTYPES:
             raise ValueError(f"GENQ_DTYPE={settings.dtype!r} is not one of {sorted(_DTYPES)}")
         return _DTYPES[settings.dtype]
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16_matmul()):
+        return torch.bfloat16
+    return torch.float32
+
+
+@lru_cache(maxsize=1)
+def cpu_has_bf16_matmul() -> bool:
+    """The CPU advertises AVX512-BF16 or AMX-BF16 (Linux /proc/cpuinfo flags)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:

@@ -12,11 +12,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 @pytest.fixture(scope="session")
 def bundled_lm():
-    """The registry's bundled model through the pipeline's entry point (fp32 on this CPU)."""
+    """The registry's bundled model through the pipeline's loader, in fp32 (the parity tests' precision)."""
+    from genq.settings import get_settings
     from workers.registry import BUNDLED_MODEL_ID
-    from workers.runtime.loader import load_model
+    from workers.runtime.loader import load_registered_model
 
-    return load_model(BUNDLED_MODEL_ID)
+    return load_registered_model(BUNDLED_MODEL_ID, get_settings().model_copy(update={"dtype": "float32"}))
 
 
 @pytest.fixture(scope="session")

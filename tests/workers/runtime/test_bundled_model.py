@@ -21,7 +21,8 @@ BOTTLE = [{"role": "user", "content": "Write a short product description of a st
 
 
 def test_load_model_is_cached_and_sized(bundled_lm):
-    assert load_model(BUNDLED_MODEL_ID) is bundled_lm
+    served = load_model(BUNDLED_MODEL_ID)  # settings' dtype: bf16 on a CPU with bf16 matmuls
+    assert load_model(BUNDLED_MODEL_ID) is served and served.context_length == 8192
     assert bundled_lm.context_length == 8192
     assert bundled_lm.config.n_layers == 30 and bundled_lm.config.tie_embeddings
 
