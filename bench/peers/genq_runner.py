@@ -90,6 +90,8 @@ def main() -> None:
     tokens = sum(line["response"]["body"]["usage"]["completion_tokens"] for line in lines)
     after = lm.engine.stats()
     params = sum(p.numel() for p in lm.model.parameters())
+    weights_mb = sum(p.numel() * p.element_size() for p in lm.model.parameters()) / 2**20
+    memory_bound = 1.2 * (weights_mb + settings.kv_cache_mb)  # the bar: weights + KV budget + 20%
     flops = matmul_flops(dtype)
     held_out = held_out_sequences(lm)
     ppl = perplexity(lm.model, held_out)
@@ -111,6 +113,9 @@ def main() -> None:
             "perplexity_fp32": round(ppl32, 4),
             "perplexity_delta_pct": round(100 * (ppl - ppl32) / ppl32, 3),
             "kv_cache_mb": settings.kv_cache_mb,
+            "weights_mb": round(weights_mb, 1),
+            "memory_bound_mb": round(memory_bound, 1),
+            "within_memory_bound": peak <= memory_bound,
         },
     })
 

@@ -51,6 +51,30 @@ def _copy_input(src: Path, store: Any, key: str, model: str | None) -> tuple[int
     return size, endpoint
 
 
+def _engines_of(models: list[str]) -> list[Any]:
+    """The engines serving these models in this process (none for a runtime without one, or a model that
+    does not load: run_shard reports that per shard)."""
+    from workers.shard_runner import default_model_loader
+
+    engines = []
+    for model_id in models:
+        try:
+            served = default_model_loader(model_id)
+        except Exception:  # noqa: BLE001 -- reported by run_shard, with the shard's attempts
+            continue
+        if hasattr(served, "engine"):
+            engines.append(served.engine)
+    return engines
+
+
+def _tick(progress: Any, task: Any, engines: list[Any], before: int, lock: threading.Lock,
+          stop: threading.Event) -> None:
+    """Refreshes the bar's token count from the engines twice a second until stopped."""
+    while engines and not stop.wait(0.5):
+        with lock:
+            progress.update(task, tokens=sum(e.generated_tokens for e in engines) - before)
+
+
 def run(
     file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="OpenAI batch input (JSONL).")],
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Output JSONL; errors go next to it "
@@ -97,6 +121,7 @@ def run(
             batch, shards = create_batch(session=session, store=store, settings=settings, tenant_id=tenant_id,
                                          input_file_id=file_id, endpoint=endpoint)
             batch_id, total = batch.id, batch.request_total
+            models = sorted({shard.model for shard in shards})
     except ApiError as exc:
         problems = getattr(exc, "errors", None)  # BatchInputInvalid: every bad line, with its number
         if problems:
@@ -112,6 +137,9 @@ def run(
     # Shards run on threads, several at once, all feeding this process's one engine: the running batch
     # stays full across shard boundaries, as in a worker.
     pool = ThreadPoolExecutor(max_workers=max(1, settings.worker_shards), thread_name_prefix="shard")
+    engines = _engines_of(models)  # loaded here (run_shard would load them anyway) to read their counters
+    generated_before = sum(e.generated_tokens for e in engines)
+    stop_ticker = threading.Event()
     try:
         with progress_bar() as progress:
             task = progress.add_task("generating", total=total, tokens=0)
@@ -119,8 +147,15 @@ def run(
 
             def advance(_prompt_tokens: int, completion_tokens: int) -> None:
                 with lock:
-                    tokens = progress.tasks[task].fields["tokens"] + completion_tokens
+                    # Tokens as the engine generates them (live, while 256 requests run together), or as
+                    # requests finish for a runtime without an engine to read.
+                    tokens = (sum(e.generated_tokens for e in engines) - generated_before if engines
+                              else progress.tasks[task].fields["tokens"] + completion_tokens)
                     progress.update(task, advance=1, tokens=tokens)
+
+            ticker = threading.Thread(target=_tick, daemon=True,
+                                      args=(progress, task, engines, generated_before, lock, stop_ticker))
+            ticker.start()
 
             def run_one(shard_id: int) -> bool:
                 outcome = run_shard(settings=settings, shard_id=shard_id, worker_id=worker_id, on_progress=advance)
@@ -151,6 +186,7 @@ def run(
             abandon_running_shards(session=session, batch_id=batch_id)  # this process held them
         maybe_finalize(settings, batch_id)
     finally:
+        stop_ticker.set()
         pool.shutdown(wait=False, cancel_futures=True)
 
     with session_scope(url) as session:

@@ -14,12 +14,15 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
+from typing import TypeVar
 
 from workers.runtime.engine import Engine
 from workers.runtime.errors import EngineFailure
 from workers.runtime.types import GenerationRequest, GenerationResult
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class EngineHandle:
@@ -99,9 +102,15 @@ class EngineLoop:
         with self._wake:
             self._inbox.append(fn)
             if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name=f"{self.name}-loop", daemon=True)
+                self._thread = threading.Thread(target=self.run_here, name=f"{self.name}-loop", daemon=True)
                 self._thread.start()
             self._wake.notify()
+
+    def run_here(self) -> None:
+        """Steps the engine on the calling thread, forever (see run_on_engine_thread)."""
+        with self._wake:
+            self._thread = self._thread or threading.current_thread()
+        self._run()
 
     def _run(self) -> None:
         while True:
@@ -131,3 +140,34 @@ class EngineLoop:
         self._owners.clear()
         for handle in handles:
             handle._deliver(failure)
+
+
+def run_on_engine_thread(load: Callable[[], T], loop_of: Callable[[T], EngineLoop], name: str) -> T:
+    """load() on a new daemon thread that then drives the loaded model's engine loop; returns load()'s value.
+
+    The thread that loads the weights runs torch's first parallel kernels and, measured here, keeps
+    the fast OpenMP team: the same 128 catalog requests ran 545 tok/s when one thread loaded and
+    stepped, 215 tok/s when the main thread loaded and another thread stepped. So a model's engine
+    thread is the one that loads it. load()'s exception is raised here.
+    """
+    done = threading.Event()
+    box: dict[str, object] = {}
+
+    def main() -> None:
+        try:
+            box["value"] = value = load()
+        except BaseException as exc:  # noqa: BLE001 -- handed to the caller
+            box["error"] = exc
+            done.set()
+            return
+        loop = loop_of(value)
+        with loop._wake:
+            loop._thread = threading.current_thread()
+        done.set()
+        loop.run_here()
+
+    threading.Thread(target=main, name=f"{name}-engine", daemon=True).start()
+    done.wait()
+    if "error" in box:
+        raise box["error"]  # type: ignore[misc]
+    return box["value"]  # type: ignore[return-value]

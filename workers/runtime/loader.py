@@ -22,7 +22,7 @@ from workers.runtime.chat_template import render_chat_template
 from workers.runtime.checkpoint import Checkpoint
 from workers.runtime.config import ModelConfig
 from workers.runtime.engine import Engine, EngineConfig
-from workers.runtime.engine_loop import EngineLoop
+from workers.runtime.engine_loop import EngineLoop, run_on_engine_thread
 from workers.runtime.errors import ModelLoadError
 from workers.runtime.gguf_loader import load_gguf
 from workers.runtime.model import Transformer, build_model
@@ -217,5 +217,9 @@ def load_registered_model(model_id: str, settings: Settings) -> LoadedModel:
 
 @lru_cache(maxsize=4)
 def load_model(model_id: str) -> LoadedModel:
-    """The registry's model_id, loaded on GENQ_DEVICE (cuda if available) in GENQ_DTYPE; cached per process."""
-    return load_registered_model(model_id, get_settings())
+    """The registry's model_id, loaded on GENQ_DEVICE (cuda if available) in GENQ_DTYPE; cached per process.
+
+    Loaded on the thread that will then step its engine (engine_loop.run_on_engine_thread).
+    """
+    return run_on_engine_thread(lambda: load_registered_model(model_id, get_settings()), lambda lm: lm.loop,
+                                model_id)
