@@ -94,7 +94,8 @@ class ResultWriteError(RuntimeError):
 class Heartbeat(threading.Thread):
     """Renews the lease every interval and reads the batch's stop conditions (cancel, expiry)."""
 
-    def __init__(self, *, database_url: str, job: _ShardJob, lease_seconds: float, interval: float) -> None:
+    def __init__(self, *, database_url: str, job: _ShardJob, lease_seconds: float, interval: float,
+                 cancel: threading.Event | None = None) -> None:
         super().__init__(name=f"heartbeat-shard-{job.shard_id}", daemon=True)
         self.database_url = database_url
         self.job = job
@@ -102,10 +103,13 @@ class Heartbeat(threading.Thread):
         self.interval = interval
         self.stop_requested = threading.Event()  # cancel or expiry: finish the shard as cancelled
         self.lease_lost = threading.Event()  # another attempt owns the shard: write nothing more
+        self.cancel = cancel  # set by the caller (genq run's Ctrl-C): stop now, as for a cancel
         self._done = threading.Event()
         self._renewed_at = time.monotonic()
 
     def should_stop(self) -> bool:
+        if self.cancel is not None and self.cancel.is_set():
+            self.stop_requested.set()
         return self.stop_requested.is_set() or self.lease_lost.is_set()
 
     def beat(self) -> None:
@@ -213,10 +217,11 @@ def _load_job(settings: Settings, shard_id: int, worker_id: str) -> tuple[_Shard
 
 def run_shard(*, settings: Settings, shard_id: int, worker_id: str,
               model_loader: ModelLoader = default_model_loader,
-              on_progress: ProgressCallback | None = None) -> ShardOutcome:
+              on_progress: ProgressCallback | None = None, cancel: threading.Event | None = None) -> ShardOutcome:
     """Runs one shard to its end under a lease and returns what happened; never raises for job errors.
 
     A duplicate delivery (the shard is leased elsewhere or finished) returns "not_claimed" at once.
+    `cancel`, once set, stops the shard within a moment as a batch cancel would (without a heartbeat).
     """
     url = settings.resolved_database_url()
     job, batch_id = _load_job(settings, shard_id, worker_id)
@@ -225,7 +230,7 @@ def run_shard(*, settings: Settings, shard_id: int, worker_id: str,
         return ShardOutcome(shard_id=shard_id, status="not_claimed", finalized=finalized)
 
     heartbeat = Heartbeat(database_url=url, job=job, lease_seconds=settings.lease_seconds,
-                          interval=settings.heartbeat_seconds)
+                          interval=settings.heartbeat_seconds, cancel=cancel)
     heartbeat.start()
     outcome = ShardOutcome(shard_id=shard_id, status="done", attempt=job.attempt, queue=job.queue)
     try:

@@ -140,6 +140,7 @@ def run(
     engines = _engines_of(models)  # loaded here (run_shard would load them anyway) to read their counters
     generated_before = sum(e.generated_tokens for e in engines)
     stop_ticker = threading.Event()
+    interrupted = threading.Event()  # Ctrl-C: the running shards stop now, as for a cancel
     try:
         with progress_bar() as progress:
             task = progress.add_task("generating", total=total, tokens=0)
@@ -158,7 +159,8 @@ def run(
             ticker.start()
 
             def run_one(shard_id: int) -> bool:
-                outcome = run_shard(settings=settings, shard_id=shard_id, worker_id=worker_id, on_progress=advance)
+                outcome = run_shard(settings=settings, shard_id=shard_id, worker_id=worker_id, on_progress=advance,
+                                    cancel=interrupted)
                 if outcome.status in ("released", "failed") and outcome.error:
                     console.print(f"[yellow]shard {shard_id} attempt {outcome.attempt}: {outcome.error}[/]")
                 return outcome.status != "not_claimed"
@@ -178,10 +180,11 @@ def run(
             maybe_finalize(settings, batch_id)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted: cancelling; finished requests are kept[/]")
+        interrupted.set()
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         with session_scope(url) as session:
             request_cancel(session=session, tenant_id=tenant_id, batch_id=batch_id)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        pool.shutdown(wait=True, cancel_futures=True)  # running shards see the cancel within a heartbeat
+        pool.shutdown(wait=True, cancel_futures=True)  # running shards stop within a results poll
         with session_scope(url) as session:
             abandon_running_shards(session=session, batch_id=batch_id)  # this process held them
         maybe_finalize(settings, batch_id)

@@ -37,6 +37,9 @@ E2E_MAX_TOKENS = 24
 STACK_ENV = {
     "GENQ_SHARD_SIZE": "50",
     "GENQ_MAX_BATCH_SIZE": "50",
+    # genq run holds one shard at a time, as the `-c 1` worker does: both engines then see the same
+    # steps, so greedy text is equal token for token (bf16 results depend on what shares a matmul).
+    "GENQ_WORKER_SHARDS": "1",
     "GENQ_LEASE_SECONDS": "30",
     "GENQ_HEARTBEAT_SECONDS": "1",
     "GENQ_REAPER_INTERVAL_SECONDS": "2",

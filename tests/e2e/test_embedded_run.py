@@ -40,7 +40,7 @@ def test_invalid_file_exits_2_with_the_line(tiny_models_file, tmp_path):
 
 def test_ctrl_c_keeps_finished_requests(tiny_models_file, tmp_path):
     home = tmp_path / "home"
-    path = write_jsonl(tmp_path / "in.jsonl", lines(24, max_tokens=60))
+    path = write_jsonl(tmp_path / "in.jsonl", lines(48, max_tokens=400))  # long enough to interrupt midway
     env = embedded_env(tiny_models_file, GENQ_SHARD_SIZE="12", GENQ_MAX_BATCH_SIZE="4")
     process = subprocess.Popen(genq("run", str(path), "--home", str(home)), cwd=REPO, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -59,6 +59,6 @@ def test_ctrl_c_keeps_finished_requests(tiny_models_file, tmp_path):
     assert process.returncode == 130, stderr[-3000:]
     output = [json.loads(x) for x in (tmp_path / "in.output.jsonl").read_text().splitlines()]
     errors = [json.loads(x) for x in (tmp_path / "in.errors.jsonl").read_text().splitlines()]
-    assert 1 <= len(output) < 24 and len(output) + len(errors) == 24
+    assert 1 <= len(output) < 48 and len(output) + len(errors) == 48
     assert {e["error"]["code"] for e in errors} == {"batch_cancelled"}
     assert "cancelled" in stderr
