@@ -90,7 +90,9 @@ def test_cancelling_one_batch_leaves_the_other_complete(settings, make_batch, ti
             cancelled[0] = True
 
     outcomes = _run_concurrently(settings, doomed.shard_ids + kept.shard_ids, tiny_served, cancel_once_running)
-    assert [outcomes[s].status for s in doomed.shard_ids] == ["cancelled", "cancelled"]
+    # A doomed shard either stopped midway or, claimed after the cancel, never started.
+    doomed_statuses = [outcomes[s].status for s in doomed.shard_ids]
+    assert "cancelled" in doomed_statuses and set(doomed_statuses) <= {"cancelled", "not_claimed"}
     assert [outcomes[s].status for s in kept.shard_ids] == ["done", "done"]
     kept_rows = _results(settings, kept.batch_id)
     assert Counter(r.custom_id for r in kept_rows) == Counter(f"r{i}" for i in range(8))
