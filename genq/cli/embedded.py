@@ -51,20 +51,20 @@ def _copy_input(src: Path, store: Any, key: str, model: str | None) -> tuple[int
     return size, endpoint
 
 
-def _engines_of(models: list[str]) -> list[Any]:
-    """The engines serving these models in this process (none for a runtime without one, or a model that
+def _served_with_engines(models: list[str]) -> list[Any]:
+    """The loaded models with an engine in this process (none for a runtime without one, or a model that
     does not load: run_shard reports that per shard)."""
     from workers.shard_runner import default_model_loader
 
-    engines = []
+    served = []
     for model_id in models:
         try:
-            served = default_model_loader(model_id)
+            lm = default_model_loader(model_id)
         except Exception:  # noqa: BLE001 -- reported by run_shard, with the shard's attempts
             continue
-        if hasattr(served, "engine"):
-            engines.append(served.engine)
-    return engines
+        if hasattr(lm, "engine"):
+            served.append(lm)
+    return served
 
 
 def _tick(progress: Any, task: Any, engines: list[Any], before: int, lock: threading.Lock,
@@ -137,7 +137,8 @@ def run(
     # Shards run on threads, several at once, all feeding this process's one engine: the running batch
     # stays full across shard boundaries, as in a worker.
     pool = ThreadPoolExecutor(max_workers=max(1, settings.worker_shards), thread_name_prefix="shard")
-    engines = _engines_of(models)  # loaded here (run_shard would load them anyway) to read their counters
+    served = _served_with_engines(models)  # loaded here (run_shard would load them anyway): their counters
+    engines = [lm.engine for lm in served]
     generated_before = sum(e.generated_tokens for e in engines)
     stop_ticker = threading.Event()
     interrupted = threading.Event()  # Ctrl-C: the running shards stop now, as for a cancel
@@ -191,6 +192,8 @@ def run(
     finally:
         stop_ticker.set()
         pool.shutdown(wait=False, cancel_futures=True)
+        for lm in served:
+            lm.loop.close()  # idle before exit: a thread inside torch at interpreter exit aborts the process
 
     with session_scope(url) as session:
         batch = session.get(Batch, batch_id)

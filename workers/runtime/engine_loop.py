@@ -76,6 +76,7 @@ class EngineLoop:
         self._wake = threading.Condition()
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
+        self._closing = False
 
     def submit(self, requests: list[GenerationRequest]) -> EngineHandle:
         """Queues requests into the running engine; their results come through the handle."""
@@ -106,6 +107,19 @@ class EngineLoop:
                 self._thread.start()
             self._wake.notify()
 
+    def close(self, timeout: float = 30.0) -> None:
+        """Stops the loop thread after its current step and waits for it (before the process exits: a
+        thread inside torch at interpreter exit aborts the process). A later submit starts a new one."""
+        with self._wake:
+            self._closing = True
+            self._wake.notify()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+        with self._wake:
+            self._closing = False
+            self._thread = None
+
     def run_here(self) -> None:
         """Steps the engine on the calling thread, forever (see run_on_engine_thread)."""
         with self._wake:
@@ -115,8 +129,10 @@ class EngineLoop:
     def _run(self) -> None:
         while True:
             with self._wake:
-                while not self._inbox and not self.engine.has_unfinished():
+                while not self._inbox and not self.engine.has_unfinished() and not self._closing:
                     self._wake.wait()
+                if self._closing:
+                    return
                 calls, self._inbox = self._inbox, []
             for fn in calls:
                 fn()
