@@ -42,7 +42,6 @@ class EngineRequest:
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: str | None = None  # "stop" (eos) or "length", set by update
     suspect: bool = False  # was in a step that raised: runs alone from now on
-    num_preemptions: int = 0
 
     def __post_init__(self) -> None:
         if not self.token_ids:
@@ -82,10 +81,6 @@ class StepPlan:
     scheduled: list[ScheduledRequest]  # in the order the scheduler chose them
     preempted: list[str] = field(default_factory=list)  # request ids preempted while planning
     isolated: bool = False  # a suspect alone
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(s.num_new for s in self.scheduled)
 
 
 @dataclass
@@ -145,7 +140,6 @@ class Scheduler:
         self.kv.free(request.request_id)
         request.num_computed_tokens = 0
         request.status = RequestStatus.WAITING
-        request.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(request)
 
