@@ -14,16 +14,9 @@ from tests import services  # noqa: E402
 
 @pytest.fixture(scope="session")
 def postgres_url():
-    """A fresh PostgreSQL database at the newest schema, dropped at the end of the session."""
-    from db.migrate import upgrade_to_head
-
-    url = services.create_database()
-    upgrade_to_head(url)
-    yield url
-    from db.session import get_engine
-
-    get_engine(url).dispose()
-    services.drop_database(url)
+    """A fresh PostgreSQL database for in-process tests, dropped at the end of the session."""
+    with services.fresh_postgres_database() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

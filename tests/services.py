@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +55,24 @@ def drop_database(url: str) -> None:
     name = url.rsplit("/", 1)[1]
     with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@contextmanager
+def fresh_postgres_database() -> Iterator[str]:
+    """A new PostgreSQL database at the newest schema, dropped afterwards.
+
+    Each deployment a test starts (its API runs a reaper) gets its own, so that one stack's reaper
+    never acts on another test's rows."""
+    from db.migrate import upgrade_to_head
+    from db.session import get_engine
+
+    url = create_database()
+    try:
+        upgrade_to_head(url)
+        yield url
+    finally:
+        get_engine(url).dispose()
+        drop_database(url)
 
 
 def redis_test_url() -> str:

@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.services import free_port
+from tests.services import free_port, fresh_postgres_database
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = "smollm2-135m-instruct"
@@ -147,7 +147,15 @@ def server_env(postgres_url: str, redis_url: str, s3_server, home: Path, port: i
 
 
 @pytest.fixture(scope="session")
-def stack(postgres_url, redis_url, s3_server, tmp_path_factory) -> Iterator[Stack]:
+def stack_postgres_url() -> Iterator[str]:
+    """The main stack's own database (its reaper must not touch the in-process tests' rows)."""
+    with fresh_postgres_database() as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def stack(stack_postgres_url, redis_url, s3_server, tmp_path_factory) -> Iterator[Stack]:
+    postgres_url = stack_postgres_url
     home = tmp_path_factory.mktemp("genq-home")
     logs = tmp_path_factory.mktemp("e2e-logs")
     port = free_port()

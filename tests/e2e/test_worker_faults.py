@@ -18,13 +18,18 @@ from sqlalchemy import select
 from db.models import File, RequestResult, Shard
 from db.session import session_scope
 from tests.e2e.conftest import API_KEY, TINY, Stack, genq, kill_group, server_env, start, write_jsonl
-from tests.services import free_port
+from tests.services import free_port, fresh_postgres_database
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def fault_stack(postgres_url, redis_url, s3_server, tiny_models_file, tmp_path_factory):
+def fault_stack(redis_url, s3_server, tiny_models_file, tmp_path_factory):
+    with fresh_postgres_database() as postgres_url:
+        yield from _fault_stack(postgres_url, redis_url, s3_server, tiny_models_file, tmp_path_factory)
+
+
+def _fault_stack(postgres_url, redis_url, s3_server, tiny_models_file, tmp_path_factory):
     root = tmp_path_factory.mktemp("faults")
     port = free_port()
     env = {
