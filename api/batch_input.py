@@ -1,31 +1,29 @@
 """Validates a batch input file while streaming it from storage, then writes its per-model shards.
 
-Every line is checked (JSON, custom_id/method/url/body, endpoint, model, sampling parameters) before
-anything is written to storage; errors carry OpenAI codes and the 1-based line number. Valid
-requests are grouped per model into shards of settings.shard_size lines, stored as JSONL
-{"line": n, "custom_id": ..., "body": {...}} at batches/{batch_id}/shards/{index:05d}.jsonl.
+Every line is checked (JSON, custom_id/method/url/body, endpoint, model, and the body by
+workers.request_contract, the rules the worker applies too) before anything is written to storage;
+errors carry OpenAI codes and the 1-based line number. Valid requests are grouped per model into
+shards of settings.shard_size lines, stored as JSONL {"line": n, "custom_id": ..., "body": {...}}
+at batches/{batch_id}/shards/{index:05d}.jsonl.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from api.errors import InvalidRequest
+from genq.json_guard import MAX_JSON_DEPTH, has_control_character, json_problem
 from genq.settings import Settings
 from storage import Store
 from workers.registry import list_models
+from workers.request_contract import RequestError, parse_body
 
-CHAT_ENDPOINT = "/v1/chat/completions"
-COMPLETIONS_ENDPOINT = "/v1/completions"
-BATCH_ENDPOINTS = (CHAT_ENDPOINT, COMPLETIONS_ENDPOINT)
 MAX_REPORTED_ERRORS = 20  # errors listed in error.errors.data; the first is the headline
 MAX_CUSTOM_ID_CHARS = 512  # request_results.custom_id
-MAX_STOP_SEQUENCES = 4
 MAX_LINE_BYTES = 32 << 20  # longest request line read into memory
 
 
@@ -143,6 +141,8 @@ def _check_line(raw: bytes, number: int, *, endpoint: str, context_lengths: dict
         request = json.loads(text)
     except json.JSONDecodeError as exc:
         return fail("invalid_json_line", None, f"is not valid JSON ({exc.msg} at column {exc.colno})")
+    except RecursionError:
+        return fail("invalid_json_line", None, f"nests JSON deeper than {MAX_JSON_DEPTH} levels")
     if not isinstance(request, dict):
         return fail("invalid_json_line", None, "must be a JSON object")
     for name in ("custom_id", "method", "url", "body"):
@@ -152,6 +152,12 @@ def _check_line(raw: bytes, number: int, *, endpoint: str, context_lengths: dict
     if not isinstance(custom_id, str) or not custom_id or len(custom_id) > MAX_CUSTOM_ID_CHARS:
         return fail("invalid_value", "custom_id",
                     f"custom_id must be a string of 1 to {MAX_CUSTOM_ID_CHARS} characters")
+    if has_control_character(custom_id):  # NUL cannot be stored; control characters break every report
+        return fail("invalid_value", "custom_id",
+                    f"custom_id {custom_id!r} holds a control character or a lone surrogate")
+    problem = json_problem(request)
+    if problem is not None:
+        return fail("invalid_json_line", None, problem)
     if custom_id in seen_ids:
         return fail("duplicate_custom_id", "custom_id", f"custom_id {custom_id!r} appears more than once")
     seen_ids.add(custom_id)
@@ -171,59 +177,23 @@ def _check_line(raw: bytes, number: int, *, endpoint: str, context_lengths: dict
 
 def _check_body(body: dict[str, Any], *, endpoint: str,
                 context_lengths: dict[str, int]) -> tuple[str, str, str] | None:
-    """(code, param, message) for the body's first problem, or None; context_lengths: model id -> tokens."""
-    if body.get("stream") is True:
-        return "streaming_unsupported", "body.stream", "stream=true is not supported in a batch"
-    model_id = body.get("model")
-    if model_id is None:
-        return "missing_required_parameter", "body.model", "missing required parameter 'body.model'"
-    if not isinstance(model_id, str):
-        return "invalid_value", "body.model", "body.model must be a string"
-    context_length = context_lengths.get(model_id)
+    """(code, param, message) for the body's first problem, or None; context_lengths: model id -> tokens.
+
+    The rules are the request contract's (the worker applies the same ones); the API adds what needs
+    the model registry: the model exists and max_tokens fits its context."""
+    try:
+        parsed = parse_body(endpoint, body)
+    except RequestError as error:
+        param = f"body.{error.param}" if error.param else "body"
+        return error.code or "invalid_value", param, error.message.replace(error.param or "", param, 1)
+    context_length = context_lengths.get(parsed.model)
     if context_length is None:
-        return "model_not_found", "body.model", f"model {model_id!r} does not exist (GET /v1/models lists them)"
-    if endpoint == CHAT_ENDPOINT:
-        messages = body.get("messages")
-        if messages is None:
-            return "missing_required_parameter", "body.messages", "missing required parameter 'body.messages'"
-        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
-            return "invalid_value", "body.messages", "body.messages must be a non-empty list of message objects"
-    else:
-        prompt = body.get("prompt")
-        if prompt is None:
-            return "missing_required_parameter", "body.prompt", "missing required parameter 'body.prompt'"
-        if not isinstance(prompt, str):
-            return "invalid_value", "body.prompt", "body.prompt must be a string (one prompt per request)"
-    return _check_sampling(body, context_length=context_length)
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _check_sampling(body: dict[str, Any], *, context_length: int) -> tuple[str, str, str] | None:
-    """(code, param, message) for an out-of-range sampling parameter, or None."""
-    for name in ("max_tokens", "max_completion_tokens"):
-        value = body.get(name)
-        if value is None:
-            continue
-        if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= context_length:
-            return ("invalid_value", f"body.{name}",
-                    f"body.{name} must be an integer from 1 to the model's context length {context_length}")
-    temperature = body.get("temperature")
-    if temperature is not None and not (_number(temperature) and 0 <= temperature <= 2):
-        return "invalid_value", "body.temperature", "body.temperature must be a number from 0 to 2"
-    top_p = body.get("top_p")
-    if top_p is not None and not (_number(top_p) and 0 < top_p <= 1):
-        return "invalid_value", "body.top_p", "body.top_p must be a number greater than 0 and at most 1"
-    n = body.get("n")
-    if n is not None and n != 1:
-        return "invalid_value", "body.n", "body.n must be 1 (genq generates one choice per request)"
-    stop = body.get("stop")
-    if stop is not None and not isinstance(stop, str):
-        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop) or len(stop) > MAX_STOP_SEQUENCES:
-            return ("invalid_value", "body.stop",
-                    f"body.stop must be a string or a list of at most {MAX_STOP_SEQUENCES} strings")
+        return ("model_not_found", "body.model",
+                f"model {parsed.model!r} does not exist (GET /v1/models lists them)")
+    if parsed.max_tokens is not None and parsed.max_tokens > context_length:
+        name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+        return ("invalid_value", f"body.{name}",
+                f"body.{name} must be at most the model's context length {context_length} (got {parsed.max_tokens})")
     return None
 
 

@@ -16,7 +16,7 @@ from typing import IO, Any, BinaryIO
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from api.batch_input import BATCH_ENDPOINTS, validate_and_shard
+from api.batch_input import validate_and_shard
 from api.errors import Conflict, InvalidRequest, no_such
 from db.batches import (
     FINAL_STATUSES,
@@ -34,6 +34,7 @@ from db.models import Batch, File, Shard
 from genq.settings import Settings
 from storage import Store
 from workers.dispatch import queue_for_model
+from workers.request_contract import ENDPOINTS
 
 WINDOW_PATTERN = re.compile(r"^([1-9][0-9]{0,4})([hd])$")
 MAX_WINDOW_SECONDS = 365 * 86400
@@ -92,8 +93,8 @@ def create_batch(*, session: Session, store: Store, settings: Settings, tenant_i
         existing = _replay(session=session, tenant_id=tenant_id, key=idempotency_key, fingerprint=fingerprint)
         if existing is not None:
             return existing, []
-    if endpoint not in BATCH_ENDPOINTS:
-        raise InvalidRequest(f"endpoint {endpoint!r} is not supported; use one of {', '.join(BATCH_ENDPOINTS)}",
+    if endpoint not in ENDPOINTS:
+        raise InvalidRequest(f"endpoint {endpoint!r} is not supported; use one of {', '.join(ENDPOINTS)}",
                              param="endpoint", code="invalid_value")
     window = completion_window or settings.completion_window_default
     window_seconds = completion_window_seconds(window)

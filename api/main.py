@@ -14,6 +14,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api import batches, files, health, models
 from api.errors import install_error_handlers
+from api.input_guard import InputGuard
 from db.session import session_scope
 from db.tenants import ensure_bootstrap_key
 from genq.settings import Settings, get_settings
@@ -64,6 +65,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.store = store_from_settings(settings)
     install_error_handlers(app)
+    app.add_middleware(InputGuard)
     for module in (files, batches, models, health):
         app.include_router(module.router)
     return app

@@ -20,11 +20,13 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.concurrency import run_in_threadpool
 
 from api.errors import InvalidRequest, PayloadTooLarge
+from genq.json_guard import has_control_character
 from storage import Store
 
 MAX_FIELD_BYTES = 64 * 1024  # a text field (purpose, expires_after[...]) is small
 MULTIPART_OVERHEAD = 1 << 20  # headers and boundaries around the file part, for the Content-Length precheck
 PIPE_DEPTH = 32  # chunks (~64 KiB each) waiting for the storage thread
+MAX_FILENAME_CHARS = 512  # files.filename
 
 
 @dataclass
@@ -60,6 +62,17 @@ class _ChunkPipe(io.RawIOBase):
         buffer[:n] = self.pending[:n]
         self.pending = self.pending[n:]
         return n
+
+
+def _checked_filename(raw: bytes) -> str:
+    """The upload's name as the client gave it (kept only as metadata: never part of a storage key)."""
+    name = raw.decode("utf-8", "replace") or "upload"
+    if len(name) > MAX_FILENAME_CHARS:
+        raise InvalidRequest(f"The file name is longer than {MAX_FILENAME_CHARS} characters.", param="file",
+                             code="invalid_value")
+    if has_control_character(name):
+        raise InvalidRequest("The file name holds a control character.", param="file", code="invalid_value")
+    return name
 
 
 class _UploadParser:
@@ -103,7 +116,7 @@ class _UploadParser:
             if self.filename is not None:
                 raise InvalidRequest("Send exactly one file per upload.", param="file", code="invalid_value")
             self.in_file = True
-            self.filename = options[b"filename"].decode("utf-8", "replace") or "upload"
+            self.filename = _checked_filename(options[b"filename"])
 
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
         if self.in_file:

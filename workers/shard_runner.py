@@ -36,13 +36,13 @@ from db.session import session_scope
 from genq.settings import Settings
 from storage import store_from_settings
 from workers.chat import (
-    RequestError,
     build_request,
     output_line,
     request_error_line,
     response_body,
 )
 from workers.finalize import maybe_finalize
+from workers.request_contract import RequestError
 from workers.runtime.errors import ContextLengthError, GenerationFailedError, RequestFailure
 from workers.runtime.types import GenerationRequest, GenerationResult, ServedModel
 from workers.shard_files import InputLine, read_shard_lines

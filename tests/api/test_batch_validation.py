@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import openai
 import pytest
 
@@ -39,7 +41,7 @@ BAD_FILES = {
     "duplicate_custom_id": (jsonl([chat_line("a"), chat_line("b"), chat_line("a")]), "duplicate_custom_id", 3,
                             "custom_id"),
     "url_mismatch": (jsonl([chat_line("a") | {"url": "/v1/completions"}]), "invalid_url", 1, "url"),
-    "stream_true": (jsonl([chat_line("a"), with_body("b", stream=True)]), "streaming_unsupported", 2, "body.stream"),
+    "stream_true": (jsonl([chat_line("a"), with_body("b", stream=True)]), "unsupported_value", 2, "body.stream"),
     "unknown_model": (jsonl([chat_line("a", model="gpt-17")]), "model_not_found", 1, "body.model"),
     "missing_model": (jsonl([{**chat_line("a"), "body": {"messages": [{"role": "user", "content": "x"}]}}]),
                       "missing_required_parameter", 1, "body.model"),
@@ -51,7 +53,7 @@ BAD_FILES = {
     "temperature_high": (jsonl([with_body("a", temperature=2.5)]), "invalid_value", 1, "body.temperature"),
     "temperature_negative": (jsonl([with_body("a", temperature=-0.1)]), "invalid_value", 1, "body.temperature"),
     "top_p_zero": (jsonl([with_body("a", top_p=0)]), "invalid_value", 1, "body.top_p"),
-    "n_two": (jsonl([with_body("a", n=2)]), "invalid_value", 1, "body.n"),
+    "n_two": (jsonl([with_body("a", n=2)]), "unsupported_value", 1, "body.n"),
     "five_stops": (jsonl([with_body("a", stop=["a", "b", "c", "d", "e"])]), "invalid_value", 1, "body.stop"),
     "empty_messages": (jsonl([with_body("a", messages=[])]), "invalid_value", 1, "body.messages"),
     "missing_messages": (jsonl([{**chat_line("a"), "body": {"model": chat_line("a")["body"]["model"]}}]),
@@ -75,6 +77,50 @@ def test_bad_input_file(client: openai.OpenAI, case: str) -> None:
     assert error["errors"]["data"][0] == {"code": code, "message": error["errors"]["data"][0]["message"],
                                           "param": param, "line": line}
     assert client.batches.list().data == []  # nothing was created
+
+
+# Every body parameter with values the request contract refuses (workers/request_contract.py's table):
+# each must be a 400 at create that names line 2 and the parameter, never an error line hours later.
+INVALID_FIELDS = {
+    "model": ["", 7, None],
+    "max_tokens": [0, -1, 1.5, "8", True],
+    "max_completion_tokens": [0, 2.0],
+    "temperature": [-0.1, 2.01, "1", True, [1]],
+    "top_p": [0, -0.5, 1.01, "0.9"],
+    "top_k": [-1, 1.5, "4", False],
+    "min_p": [-0.01, 1.5],
+    "presence_penalty": [-2.5, 2.5, "0"],
+    "frequency_penalty": [-3, 3],
+    "repetition_penalty": [0, -1, 10.5],
+    "seed": [2**64, -(2**63) - 1, 1.5, "42"],
+    "stop": ["", [""], ["a", "b", "c", "d", "e"], [1], {"s": 1}],
+    "n": [0, 2, 1.0, "1"],
+    "stream": [True, "false"],
+    "logprobs": [1, "yes"],
+    "top_logprobs": [3, -1],
+    "ignore_eos": [1, "true"],
+    "metadata": [{"k": 1}, "x"],
+    "user": [5],
+    "messages": [[], "hi", [{"content": "no role"}], [{"role": "robot", "content": "x"}],
+                 [{"role": "user", "content": 5}], [{"role": "user", "content": [{"type": "image_url"}]}]],
+    "temprature": [0.5],  # a typo is an unknown parameter, not silently ignored
+}
+INVALID_CASES = [(name, value) for name, values in INVALID_FIELDS.items() for value in values]
+
+
+@pytest.mark.parametrize(("name", "value"), INVALID_CASES, ids=[f"{n}={v!r}" for n, v in INVALID_CASES])
+def test_every_invalid_parameter_is_refused_at_create(client: openai.OpenAI, name: str, value) -> None:
+    line = chat_line("b")
+    if value is None:
+        del line["body"][name]
+    else:
+        line["body"][name] = value
+    with pytest.raises(openai.BadRequestError) as info:
+        create_with(client, jsonl([chat_line("a"), line]))
+    error = info.value.body
+    assert error["line"] == 2 and re.match(rf"body\.{name}($|\[|\.)", error["param"]), error
+    assert error["message"].startswith("Line 2: ") and error["param"] in error["message"], error
+    assert client.batches.list().data == []
 
 
 def test_completions_prompt_required(client: openai.OpenAI) -> None:

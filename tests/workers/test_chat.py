@@ -6,7 +6,6 @@ import pytest
 
 from tests.workers.fake_model import FakeModel
 from workers.chat import (
-    RequestError,
     batch_error_line,
     build_request,
     output_line,
@@ -14,6 +13,7 @@ from workers.chat import (
     response_body,
     stable_seed,
 )
+from workers.request_contract import RequestError
 from workers.runtime.types import GenerationResult
 
 CHAT = "/v1/chat/completions"
