@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Iterator
@@ -94,8 +95,11 @@ def submit(
     with _api_errors():
         with file.open("rb") as f:
             uploaded = client.files.create(file=f, purpose="batch")
+        # The SDK retries a POST whose answer was lost; the key makes the retry return the same batch.
+        # It names this upload, so submitting the same file again (a new upload) still makes a new batch.
+        key = hashlib.sha256(f"{uploaded.id}\n{endpoint}\n{completion_window}".encode()).hexdigest()
         batch = client.batches.create(input_file_id=uploaded.id, endpoint=endpoint,
-                                      completion_window=completion_window)
+                                      completion_window=completion_window, extra_headers={"Idempotency-Key": key})
         print(batch.id, flush=True)
         if wait:
             _summary(_watch(client, batch.id))
