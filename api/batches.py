@@ -26,7 +26,7 @@ NOT_CANCELLABLE = (BatchStatus.FINALIZING, BatchStatus.COMPLETED, BatchStatus.FA
 
 
 def batch_objects(session: Session, batches: list[Batch]) -> list[BatchObject]:
-    """The wire Batches with live request_counts and usage (three queries for the whole list)."""
+    """The wire Batches with live request_counts and usage (one query for the whole list)."""
     progress = batch_progress(session=session, batches=batches)
     return [BatchObject.from_row(batch, counts=progress[batch.id][0], usage=progress[batch.id][1])
             for batch in batches]

@@ -117,51 +117,34 @@ def usage_totals(*, session: Session, batch: Batch) -> dict[str, Any]:
 
 
 def batch_progress(*, session: Session, batches: list[Batch]) -> dict[str, tuple[RequestCounts, dict[str, Any]]]:
-    """batch id -> (request counts, usage) for every batch, in three grouped queries whatever their number."""
+    """batch id -> (request counts, usage) for every batch: one grouped read of their shards' counters
+    (db/leases.py keeps them with each stored result), whatever the number of results."""
     ids = [batch.id for batch in batches]
     if not ids:
         return {}
-    shard_requests: dict[str, dict[ShardStatus, int]] = defaultdict(dict)
-    for batch_id, status, requests in session.execute(
-        select(Shard.batch_id, Shard.status, func.sum(Shard.request_count))
+    rows: dict[str, list[Any]] = defaultdict(list)
+    for row in session.execute(
+        select(Shard.batch_id, Shard.status, func.sum(Shard.request_count).label("requests"),
+               func.sum(Shard.succeeded).label("succeeded"), func.sum(Shard.failed).label("failed"),
+               func.sum(Shard.prompt_tokens).label("prompt"), func.sum(Shard.completion_tokens).label("completion"))
         .where(Shard.batch_id.in_(ids)).group_by(Shard.batch_id, Shard.status)
     ):
-        shard_requests[batch_id][status] = int(requests or 0)
-    answered: dict[str, dict[tuple[ShardStatus, RequestOutcome], int]] = defaultdict(dict)
-    for batch_id, status, outcome, count in session.execute(
-        select(RequestResult.batch_id, Shard.status, RequestResult.outcome, func.count())
-        .join(Shard, Shard.id == RequestResult.shard_id)
-        .where(RequestResult.batch_id.in_(ids))
-        .group_by(RequestResult.batch_id, Shard.status, RequestResult.outcome)
-    ):
-        answered[batch_id][(status, outcome)] = count
-    tokens = {batch_id: (int(prompt), int(completion)) for batch_id, prompt, completion in session.execute(
-        select(RequestResult.batch_id, func.coalesce(func.sum(RequestResult.prompt_tokens), 0),
-               func.coalesce(func.sum(RequestResult.completion_tokens), 0))
-        .where(RequestResult.batch_id.in_([b.id for b in batches if b.usage is None]))
-        .group_by(RequestResult.batch_id)
-    )}
+        rows[row.batch_id].append(row)
     progress = {}
     for batch in batches:
-        counts = _counts(batch.request_total, shard_requests[batch.id], answered[batch.id])
-        prompt, completion = tokens.get(batch.id, (0, 0))
-        usage = batch.usage if batch.usage is not None else usage_body(input_tokens=prompt, output_tokens=completion)
+        shards = rows[batch.id]
+
+        def unanswered(status: ShardStatus, shards: list[Any] = shards) -> int:
+            return sum(max(0, int(r.requests) - int(r.succeeded) - int(r.failed)) for r in shards
+                       if r.status == status)
+
+        counts = RequestCounts(total=batch.request_total, completed=sum(int(r.succeeded) for r in shards),
+                               failed=sum(int(r.failed) for r in shards), in_progress=unanswered(ShardStatus.RUNNING),
+                               queued=unanswered(ShardStatus.QUEUED))
+        usage = batch.usage if batch.usage is not None else usage_body(
+            input_tokens=sum(int(r.prompt) for r in shards), output_tokens=sum(int(r.completion) for r in shards))
         progress[batch.id] = (counts, usage)
     return progress
-
-
-def _counts(total: int, shard_requests: dict[ShardStatus, int],
-            answered: dict[tuple[ShardStatus, RequestOutcome], int]) -> RequestCounts:
-    def by_outcome(outcome: RequestOutcome) -> int:
-        return sum(n for (_, o), n in answered.items() if o == outcome)
-
-    def unanswered(status: ShardStatus) -> int:
-        done = sum(n for (s, _), n in answered.items() if s == status)
-        return max(0, shard_requests.get(status, 0) - done)
-
-    return RequestCounts(total=total, completed=by_outcome(RequestOutcome.SUCCEEDED),
-                         failed=by_outcome(RequestOutcome.FAILED), in_progress=unanswered(ShardStatus.RUNNING),
-                         queued=unanswered(ShardStatus.QUEUED))
 
 
 def usage_body(*, input_tokens: int, output_tokens: int) -> dict[str, Any]:

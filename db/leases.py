@@ -101,14 +101,24 @@ class ResultRow:
 
 def _insert_results(session: Session, *, batch_id: str, shard_id: int, attempt: int, worker_id: str | None,
                     results: list[ResultRow], now: float) -> None:
-    """Inserts RequestResult rows; one already stored for (batch, custom_id) is kept (ON CONFLICT DO NOTHING)."""
+    """Inserts RequestResult rows and adds them to the shard's counters, in the caller's transaction.
+
+    A result already stored for (batch, custom_id) is kept (ON CONFLICT DO NOTHING) and counted once:
+    the counters add only the rows the INSERT returns."""
     if not results:
         return
-    session.execute(insert_ignoring_conflicts(session, RequestResult, [{
+    inserted = session.execute(insert_ignoring_conflicts(session, RequestResult, [{
         "batch_id": batch_id, "shard_id": shard_id, "custom_id": r.custom_id, "line_number": r.line_number,
         "outcome": r.outcome, "output_line": r.output_line, "prompt_tokens": r.prompt_tokens,
         "completion_tokens": r.completion_tokens, "attempt": attempt, "worker_id": worker_id, "created_at": now,
-    } for r in results], index_elements=["batch_id", "custom_id"]))
+    } for r in results], index_elements=["batch_id", "custom_id"]).returning(
+        RequestResult.outcome, RequestResult.prompt_tokens, RequestResult.completion_tokens)).all()
+    if inserted:
+        session.execute(update(Shard).where(Shard.id == shard_id).values(
+            succeeded=Shard.succeeded + sum(1 for row in inserted if row.outcome == RequestOutcome.SUCCEEDED),
+            failed=Shard.failed + sum(1 for row in inserted if row.outcome == RequestOutcome.FAILED),
+            prompt_tokens=Shard.prompt_tokens + sum(row.prompt_tokens for row in inserted),
+            completion_tokens=Shard.completion_tokens + sum(row.completion_tokens for row in inserted)))
 
 
 def record_result(*, session: Session, batch_id: str, shard_id: int, attempt: int, worker_id: str,

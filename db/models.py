@@ -136,6 +136,12 @@ class Shard(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[float] = mapped_column(Float)
     updated_at: Mapped[float] = mapped_column(Float)
+    # Its stored results, counted in the transaction that stores each one (db/leases.py), so a status
+    # poll reads the batch's few shard rows instead of scanning its results.
+    succeeded: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    failed: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    prompt_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    completion_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     __table_args__ = (
         UniqueConstraint("batch_id", "index", name="uq_shards_batch_index"),
         Index("ix_shards_status_lease", "status", "lease_expires_at"),

@@ -90,12 +90,8 @@ def _missing_code(batch: Batch, shard: Shard) -> tuple[str, str]:
 
 def _fill_missing_results(session: Session, store: Store, batch: Batch) -> None:
     """Writes an error row for every request of the batch that has none."""
-    counts = dict(session.execute(
-        select(RequestResult.shard_id, func.count()).where(RequestResult.batch_id == batch.id)
-        .group_by(RequestResult.shard_id)
-    ).all())
     for shard in session.scalars(select(Shard).where(Shard.batch_id == batch.id).order_by(Shard.index)):
-        if counts.get(shard.id, 0) >= shard.request_count:
+        if shard.succeeded + shard.failed >= shard.request_count:
             continue
         done = set(session.scalars(select(RequestResult.custom_id).where(RequestResult.shard_id == shard.id)))
         code, message = _missing_code(batch, shard)

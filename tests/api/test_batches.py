@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import base64
 import json
-import time
 
 import openai
 import pytest
 from sqlalchemy import select, update
 
+from db.leases import ResultRow, record_unfenced_results
 from db.models import Batch, BatchStatus, RequestOutcome, RequestResult, Shard, ShardStatus
 from tests.api.conftest import SECOND_MODEL, chat_line, jsonl
 from workers.registry import BUNDLED_MODEL_ID
@@ -34,9 +34,10 @@ def add_result(app, session, batch_id: str, custom_id: str, outcome: RequestOutc
     output = {"id": f"batch_req_{custom_id}", "custom_id": custom_id, "response": response, "error": None}
     if outcome == RequestOutcome.FAILED:
         output |= {"response": None, "error": {"code": "batch_expired", "message": "expired"}}
-    session.add(RequestResult(batch_id=batch_id, shard_id=shard.id, custom_id=custom_id, line_number=line_number,
-                              outcome=outcome, output_line=output, prompt_tokens=tokens[0],
-                              completion_tokens=tokens[1], attempt=1, worker_id="w1", created_at=time.time()))
+    row = ResultRow(custom_id=custom_id, line_number=line_number, outcome=outcome, output_line=output,
+                    prompt_tokens=tokens[0], completion_tokens=tokens[1])
+    record_unfenced_results(session=session, batch_id=batch_id, shard_id=shard.id, attempt=1, worker_id="w1",
+                            results=[row])
     session.commit()
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import time
 import uuid
 
 import pytest
@@ -22,8 +21,9 @@ from db.batches import (
     usage_totals,
 )
 from db.files import create_file, delete_file, get_file, list_files, new_file_id
+from db.leases import ResultRow, record_unfenced_results
 from db.migrate import upgrade_to_head
-from db.models import BatchStatus, RequestOutcome, RequestResult, ShardStatus, Tenant
+from db.models import BatchStatus, RequestOutcome, ShardStatus, Tenant
 from db.session import get_sessionmaker
 from db.tenants import create_tenant
 
@@ -57,10 +57,12 @@ def new_batch(session, tenant_id: str, shard_sizes: list[int]):
     return batch, shards
 
 
-def result(batch, shard, n: int, outcome: RequestOutcome) -> RequestResult:
-    return RequestResult(batch_id=batch.id, shard_id=shard.id, custom_id=f"c{n}", line_number=n, outcome=outcome,
-                         output_line={"custom_id": f"c{n}"}, prompt_tokens=10, completion_tokens=n, attempt=1,
-                         created_at=time.time())
+def store_result(session, batch, shard, n: int, outcome: RequestOutcome) -> None:
+    """Stores a result the way workers and the finalizer do (it also counts it on the shard)."""
+    row = ResultRow(custom_id=f"c{n}", line_number=n, outcome=outcome, output_line={"custom_id": f"c{n}"},
+                    prompt_tokens=10, completion_tokens=n)
+    record_unfenced_results(session=session, batch_id=batch.id, shard_id=shard.id, attempt=1, worker_id=None,
+                            results=[row])
 
 
 def test_request_counts_follow_rows(db_session) -> None:
@@ -70,10 +72,10 @@ def test_request_counts_follow_rows(db_session) -> None:
         "total": 8, "completed": 0, "failed": 0, "in_progress": 0, "queued": 8}
     shards[0].status = ShardStatus.DONE
     shards[1].status = ShardStatus.RUNNING
-    session.add_all([result(batch, shards[0], 1, RequestOutcome.SUCCEEDED),
-                     result(batch, shards[0], 2, RequestOutcome.SUCCEEDED),
-                     result(batch, shards[0], 3, RequestOutcome.FAILED),
-                     result(batch, shards[1], 4, RequestOutcome.SUCCEEDED)])
+    for shard, n, outcome in ((0, 1, RequestOutcome.SUCCEEDED), (0, 2, RequestOutcome.SUCCEEDED),
+                              (0, 3, RequestOutcome.FAILED), (1, 4, RequestOutcome.SUCCEEDED),
+                              (1, 4, RequestOutcome.SUCCEEDED)):  # the last, a second write of c4, is kept out
+        store_result(session, batch, shards[shard], n, outcome)
     session.commit()
     counts = request_counts(session=session, batch=batch)
     assert counts.as_dict() == {"total": 8, "completed": 3, "failed": 1, "in_progress": 2, "queued": 2}
