@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     lease_seconds: float = 120
     heartbeat_seconds: float = 20
     max_attempts: int = 3
+    # One attempt at a shard may run this long (then it is released like a crash: retried or failed).
+    # Keep it below visibility_timeout_seconds, or Redis redelivers the message of a shard still running.
+    shard_time_limit_seconds: float = 2 * 3600
     reaper_interval_seconds: float = 30
     visibility_timeout_seconds: int = 3 * 3600
     worker_soft_shutdown_seconds: float = 60.0

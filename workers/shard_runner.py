@@ -13,6 +13,7 @@ engine failure (out of memory) or a database failure releases the shard for anot
 
 from __future__ import annotations
 
+import enum
 import logging
 import threading
 import time
@@ -54,16 +55,27 @@ ModelLoader = Callable[[str], ServedModel]
 ProgressCallback = Callable[[int, int], None]
 
 
+class ShardRun(enum.StrEnum):
+    """How one run_shard call ended."""
+
+    NOT_CLAIMED = "not_claimed"  # a duplicate delivery: leased elsewhere, finished, or its batch stopped
+    DONE = "done"  # every request has a stored result
+    CANCELLED = "cancelled"  # the batch was cancelled or expired (or the caller's cancel event was set)
+    LEASE_LOST = "lease_lost"  # another attempt owns the shard now; this one wrote nothing more
+    RELEASED = "released"  # this attempt crashed or ran past its time limit; attempts are left
+    FAILED = "failed"  # ... and it was the last attempt
+
+
 @dataclass
 class ShardOutcome:
     """What one run_shard call did."""
 
     shard_id: int
-    status: str  # "not_claimed" | "done" | "cancelled" | "lease_lost" | "released" | "failed"
+    status: ShardRun
     attempt: int | None = None
     written: int = 0  # results this attempt stored
     skipped: int = 0  # requests an earlier attempt had already stored
-    queue: str | None = None  # for "released": where to send the shard again
+    queue: str | None = None  # for RELEASED: where to send the shard again
     error: str | None = None
     finalized: bool = False  # this call finalized the batch
 
@@ -91,11 +103,15 @@ class ResultWriteError(RuntimeError):
     """Storing a result failed (database down): the shard is retried, no request is blamed."""
 
 
+class ShardTimeLimitExceeded(RuntimeError):
+    """The attempt ran past settings.shard_time_limit_seconds: released like a crash (retry or fail)."""
+
+
 class Heartbeat(threading.Thread):
     """Renews the lease every interval and reads the batch's stop conditions (cancel, expiry)."""
 
     def __init__(self, *, database_url: str, job: _ShardJob, lease_seconds: float, interval: float,
-                 cancel: threading.Event | None = None) -> None:
+                 time_limit: float, cancel: threading.Event | None = None) -> None:
         super().__init__(name=f"heartbeat-shard-{job.shard_id}", daemon=True)
         self.database_url = database_url
         self.job = job
@@ -104,13 +120,19 @@ class Heartbeat(threading.Thread):
         self.stop_requested = threading.Event()  # cancel or expiry: finish the shard as cancelled
         self.lease_lost = threading.Event()  # another attempt owns the shard: write nothing more
         self.cancel = cancel  # set by the caller (genq run's Ctrl-C): stop now, as for a cancel
+        # Celery's time limits need the prefork pool; genq's shards run in threads, so the heartbeat
+        # keeps the limit: past it the attempt aborts its requests and counts as a crashed one.
+        self.deadline = time.monotonic() + time_limit
+        self.timed_out = threading.Event()
         self._done = threading.Event()
         self._renewed_at = time.monotonic()
 
     def should_stop(self) -> bool:
         if self.cancel is not None and self.cancel.is_set():
             self.stop_requested.set()
-        return self.stop_requested.is_set() or self.lease_lost.is_set()
+        if time.monotonic() > self.deadline:
+            self.timed_out.set()
+        return self.stop_requested.is_set() or self.lease_lost.is_set() or self.timed_out.is_set()
 
     def beat(self) -> None:
         try:
@@ -220,40 +242,43 @@ def run_shard(*, settings: Settings, shard_id: int, worker_id: str,
               on_progress: ProgressCallback | None = None, cancel: threading.Event | None = None) -> ShardOutcome:
     """Runs one shard to its end under a lease and returns what happened; never raises for job errors.
 
-    A duplicate delivery (the shard is leased elsewhere or finished) returns "not_claimed" at once.
+    A duplicate delivery (the shard is leased elsewhere or finished) returns NOT_CLAIMED at once.
     `cancel`, once set, stops the shard within a moment as a batch cancel would (without a heartbeat).
     """
     url = settings.resolved_database_url()
     job, batch_id = _load_job(settings, shard_id, worker_id)
     if job is None:
         finalized = maybe_finalize(settings, batch_id) if batch_id else False
-        return ShardOutcome(shard_id=shard_id, status="not_claimed", finalized=finalized)
+        return ShardOutcome(shard_id=shard_id, status=ShardRun.NOT_CLAIMED, finalized=finalized)
 
     heartbeat = Heartbeat(database_url=url, job=job, lease_seconds=settings.lease_seconds,
-                          interval=settings.heartbeat_seconds, cancel=cancel)
+                          interval=settings.heartbeat_seconds, time_limit=settings.shard_time_limit_seconds,
+                          cancel=cancel)
     heartbeat.start()
-    outcome = ShardOutcome(shard_id=shard_id, status="done", attempt=job.attempt, queue=job.queue)
+    outcome = ShardOutcome(shard_id=shard_id, status=ShardRun.DONE, attempt=job.attempt, queue=job.queue)
     try:
         _generate(settings=settings, job=job, worker_id=worker_id, model_loader=model_loader,
                   heartbeat=heartbeat, on_progress=on_progress, outcome=outcome)
     except Exception as exc:
         log.exception("shard %s attempt %s crashed", shard_id, job.attempt)
         outcome.error = f"{type(exc).__name__}: {exc}"
+    finally:
+        heartbeat.close()  # before a release: a beat after it would read the released shard as a lost lease
+
+    if outcome.error is not None:
         with session_scope(url) as session:
             status = release_shard(session=session, shard_id=shard_id, attempt=job.attempt, error=outcome.error,
                                    max_attempts=settings.max_attempts)
-        outcome.status = {ShardStatus.QUEUED: "released", ShardStatus.FAILED: "failed"}.get(status, "lease_lost")
-    finally:
-        heartbeat.close()
-
-    if outcome.status in ("done", "cancelled") and not heartbeat.lease_lost.is_set():
-        final = ShardStatus.DONE if outcome.status == "done" else ShardStatus.CANCELLED
+        outcome.status = {ShardStatus.QUEUED: ShardRun.RELEASED, ShardStatus.FAILED: ShardRun.FAILED}.get(
+            status, ShardRun.LEASE_LOST)
+    elif outcome.status in (ShardRun.DONE, ShardRun.CANCELLED) and not heartbeat.lease_lost.is_set():
+        final = ShardStatus.DONE if outcome.status == ShardRun.DONE else ShardStatus.CANCELLED
         with session_scope(url) as session:
             if not finish_shard(session=session, shard_id=shard_id, attempt=job.attempt, status=final):
-                outcome.status = "lease_lost"
-    elif heartbeat.lease_lost.is_set() and outcome.status != "failed":
-        outcome.status = "lease_lost"
-    if outcome.status in ("done", "cancelled", "failed"):
+                outcome.status = ShardRun.LEASE_LOST
+    elif heartbeat.lease_lost.is_set() and outcome.status != ShardRun.FAILED:
+        outcome.status = ShardRun.LEASE_LOST
+    if outcome.status in (ShardRun.DONE, ShardRun.CANCELLED, ShardRun.FAILED):
         outcome.finalized = maybe_finalize(settings, job.batch_id)
     return outcome
 
@@ -280,8 +305,11 @@ def _generate(*, settings: Settings, job: _ShardJob, worker_id: str, model_loade
             writer.failure(item, error)
     _run_model(lm, requests, writer, heartbeat)
     outcome.written = writer.written
+    if job.pending and heartbeat.timed_out.is_set() and not heartbeat.lease_lost.is_set():
+        raise ShardTimeLimitExceeded(f"shard {job.shard_id} ran past its time limit of "
+                                     f"{settings.shard_time_limit_seconds:g} s with {len(job.pending)} requests left")
     if job.pending and heartbeat.stop_requested.is_set():
-        outcome.status = "cancelled"
+        outcome.status = ShardRun.CANCELLED
     elif job.pending and not heartbeat.lease_lost.is_set():
         # The runtime returned without a result for some requests: let another attempt finish them.
         raise RuntimeError(f"{len(job.pending)} requests of shard {job.shard_id} produced no result")

@@ -18,7 +18,7 @@ from genq.settings import get_settings
 from workers.celery_app import REAP_TASK, RUN_SHARD_TASK, app
 from workers.dispatch import enqueue_shards
 from workers.reaper import reap
-from workers.shard_runner import default_model_loader, run_shard
+from workers.shard_runner import ShardRun, default_model_loader, run_shard
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def run_shard_task(shard_id: int) -> str:
     outcome = run_shard(settings=settings, shard_id=int(shard_id), worker_id=worker_id())
     log.info("shard %s: %s (attempt %s, %s written, %s skipped)", shard_id, outcome.status, outcome.attempt,
              outcome.written, outcome.skipped)
-    if outcome.status == "released" and outcome.queue:
+    if outcome.status == ShardRun.RELEASED and outcome.queue:
         enqueue_shards(settings, [(int(shard_id), outcome.queue)])
     return outcome.status
 

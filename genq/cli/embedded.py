@@ -96,7 +96,7 @@ def run(
     from db.tenants import create_tenant, get_tenant
     from storage import store_from_settings
     from workers.finalize import maybe_finalize
-    from workers.shard_runner import run_shard
+    from workers.shard_runner import ShardRun, run_shard
 
     base = get_settings()
     home = (home or base.home).expanduser()
@@ -162,9 +162,9 @@ def run(
             def run_one(shard_id: int) -> bool:
                 outcome = run_shard(settings=settings, shard_id=shard_id, worker_id=worker_id, on_progress=advance,
                                     cancel=interrupted)
-                if outcome.status in ("released", "failed") and outcome.error:
+                if outcome.status in (ShardRun.RELEASED, ShardRun.FAILED) and outcome.error:
                     console.print(f"[yellow]shard {shard_id} attempt {outcome.attempt}: {outcome.error}[/]")
-                return outcome.status != "not_claimed"
+                return outcome.status != ShardRun.NOT_CLAIMED
 
             while True:
                 # A shard still running here lost its lease (a long SQLite lock, say): run_shard claims it

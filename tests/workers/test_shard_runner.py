@@ -228,3 +228,20 @@ def test_database_failure_releases_the_shard_without_blaming_requests(settings, 
     monkeypatch.undo()
     assert _run(settings, made.shard_ids[0], fake_model).status == "done"
     assert len(_results(settings, made.batch_id)) == 4
+
+
+def test_attempt_past_its_time_limit_is_released_then_resumed(settings, make_batch):
+    made = make_batch([chat_line(f"r{i}", f"hello {i}") for i in range(4)])
+    shard_id = made.shard_ids[0]
+    slow = FakeModel(step_delay=0.2)  # 0.8 s for the shard
+    settings.shard_time_limit_seconds = 0.3
+    outcome = _run(settings, shard_id, slow)
+    assert outcome.status == "released" and "time limit of 0.3 s" in outcome.error
+    assert 0 < outcome.written < 4
+    with session_scope(settings.database_url) as session:
+        shard = session.get(Shard, shard_id)
+    assert (shard.status, shard.lease_owner, shard.attempt) == (ShardStatus.QUEUED, None, 1)  # no orphaned lease
+    settings.shard_time_limit_seconds = 60
+    resumed = _run(settings, shard_id, slow)
+    assert (resumed.status, resumed.attempt, resumed.skipped) == ("done", 2, outcome.written)
+    assert [r.custom_id for r in _results(settings, made.batch_id)] == ["r0", "r1", "r2", "r3"]
