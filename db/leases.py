@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, exists, func, or_, select, update
+from sqlalchemy import ColumnElement, and_, case, exists, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from db.models import Batch, BatchStatus, RequestOutcome, RequestResult, Shard, ShardStatus
@@ -43,11 +43,13 @@ def claim_shard(*, session: Session, shard_id: int, worker_id: str, lease_second
                                         Batch.expired_at.is_(None)).exists()
     claimable = or_(Shard.status == ShardStatus.QUEUED,
                     and_(Shard.status == ShardStatus.RUNNING, Shard.lease_expires_at < now))
+    # Claiming a running shard whose lease expired (before the reaper saw it) is a death too.
+    died = case((Shard.status == ShardStatus.RUNNING, Shard.deaths + 1), else_=Shard.deaths)
     row = session.execute(
         update(Shard)
         .where(Shard.id == shard_id, claimable, Shard.attempt < max_attempts, batch_runs)
         .values(status=ShardStatus.RUNNING, attempt=Shard.attempt + 1, lease_owner=worker_id,
-                lease_expires_at=now + lease_seconds, updated_at=now)
+                lease_expires_at=now + lease_seconds, updated_at=now, deaths=died)
         .returning(Shard.attempt)
     ).first()
     if row is not None:
@@ -79,6 +81,11 @@ def renew_lease(*, session: Session, shard_id: int, attempt: int, lease_seconds:
                                                                 updated_at=now)
     )
     return result.rowcount == 1
+
+
+def mark_suspect(*, session: Session, shard_id: int, attempt: int, custom_id: str) -> bool:
+    """Names the request this attempt is about to run alone; False when the lease was lost."""
+    return session.execute(update(Shard).where(_fenced(shard_id, attempt)).values(suspect=custom_id)).rowcount == 1
 
 
 def batch_should_stop(*, session: Session, batch_id: str) -> bool:
@@ -205,13 +212,14 @@ def requeue_expired_leases(*, session: Session, max_attempts: int, limit: int = 
         if attempt >= max_attempts:
             result = session.execute(update(Shard).where(*settled).values(
                 status=ShardStatus.FAILED, lease_owner=None, lease_expires_at=None, updated_at=now,
-                last_error=f"lease expired on attempt {attempt} of {max_attempts}: worker lost"))
+                deaths=Shard.deaths + 1, last_error=f"lease expired on attempt {attempt} of {max_attempts}: "
+                                                    "worker lost"))
             if result.rowcount == 1:
                 failed_batches.append(batch_id)
         else:
             result = session.execute(update(Shard).where(*settled).values(
                 status=ShardStatus.QUEUED, lease_owner=None, lease_expires_at=None, updated_at=now,
-                last_error=f"lease expired on attempt {attempt}: worker lost"))
+                deaths=Shard.deaths + 1, last_error=f"lease expired on attempt {attempt}: worker lost"))
             if result.rowcount == 1:
                 redispatch.append(Redispatch(shard_id, queue, batch_id))
     return redispatch, failed_batches

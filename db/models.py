@@ -142,6 +142,11 @@ class Shard(Base):
     failed: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     prompt_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     completion_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    # Attempts whose worker died (lease expired) instead of finishing or releasing. After a death the
+    # shard runs its requests one at a time, naming each in `suspect` first: when a request kills its
+    # worker again, the next attempt quarantines that one request and finishes the others.
+    deaths: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    suspect: Mapped[str | None] = mapped_column(String(512))
     __table_args__ = (
         UniqueConstraint("batch_id", "index", name="uq_shards_batch_index"),
         Index("ix_shards_status_lease", "status", "lease_expires_at"),

@@ -28,6 +28,7 @@ from db.leases import (
     claim_shard,
     done_custom_ids,
     finish_shard,
+    mark_suspect,
     record_result,
     release_shard,
     renew_lease,
@@ -89,6 +90,8 @@ class _ShardJob:
     model: str
     queue: str
     input_key: str
+    isolate: bool = False  # an earlier attempt's worker died: run requests one at a time, each named first
+    suspect: str | None = None  # the request running alone when a worker last died
     pending: dict[str, InputLine] = field(default_factory=dict)  # custom_id -> line, not yet stored
 
 
@@ -226,7 +229,8 @@ def _load_job(settings: Settings, shard_id: int, worker_id: str) -> tuple[_Shard
         attempt = claim_shard(session=session, shard_id=shard_id, worker_id=worker_id,
                               lease_seconds=settings.lease_seconds, max_attempts=settings.max_attempts)
         row = session.execute(
-            select(Shard.batch_id, Shard.model, Shard.queue, Shard.input_key, Batch.endpoint)
+            select(Shard.batch_id, Shard.model, Shard.queue, Shard.input_key, Shard.deaths, Shard.suspect,
+                   Batch.endpoint)
             .join(Batch, Batch.id == Shard.batch_id).where(Shard.id == shard_id)
         ).first()
     if row is None:
@@ -234,7 +238,8 @@ def _load_job(settings: Settings, shard_id: int, worker_id: str) -> tuple[_Shard
     if attempt is None:
         return None, row.batch_id
     return _ShardJob(shard_id=shard_id, attempt=attempt, batch_id=row.batch_id, endpoint=row.endpoint,
-                     model=row.model, queue=row.queue, input_key=row.input_key), row.batch_id
+                     model=row.model, queue=row.queue, input_key=row.input_key, isolate=row.deaths > 0,
+                     suspect=row.suspect), row.batch_id
 
 
 def run_shard(*, settings: Settings, shard_id: int, worker_id: str,
@@ -297,13 +302,19 @@ def _generate(*, settings: Settings, job: _ShardJob, worker_id: str, model_loade
                            on_progress=on_progress)
     requests: list[GenerationRequest] = []
     for item in list(job.pending.values()):
+        if item.custom_id == job.suspect:  # it killed a worker while running alone: never again
+            writer.failure(item, _quarantined(job))
+            continue
         try:
             requests.append(build_request(endpoint=job.endpoint, body=item.body, batch_id=job.batch_id,
                                           custom_id=item.custom_id, lm=lm,
                                           default_max_tokens=settings.default_max_tokens))
         except RequestError as error:
             writer.failure(item, error)
-    _run_model(lm, requests, writer, heartbeat)
+    if job.isolate:
+        _run_one_at_a_time(lm, requests, writer, heartbeat, url=settings.resolved_database_url(), job=job)
+    else:
+        _run_model(lm, requests, writer, heartbeat)
     outcome.written = writer.written
     if job.pending and heartbeat.timed_out.is_set() and not heartbeat.lease_lost.is_set():
         raise ShardTimeLimitExceeded(f"shard {job.shard_id} ran past its time limit of "
@@ -313,6 +324,27 @@ def _generate(*, settings: Settings, job: _ShardJob, worker_id: str, model_loade
     elif job.pending and not heartbeat.lease_lost.is_set():
         # The runtime returned without a result for some requests: let another attempt finish them.
         raise RuntimeError(f"{len(job.pending)} requests of shard {job.shard_id} produced no result")
+
+
+def _quarantined(job: _ShardJob) -> RequestError:
+    return RequestError(f"A worker died while running this request alone (shard {job.shard_id}, attempt "
+                        f"{job.attempt - 1}); it was quarantined so that the rest of the batch could finish.",
+                        "request_quarantined", None, type="server_error", status_code=500)
+
+
+def _run_one_at_a_time(lm: ServedModel, requests: list[GenerationRequest], writer: _ResultWriter,
+                       heartbeat: Heartbeat, *, url: str, job: _ShardJob) -> None:
+    """After a worker death: each request alone, named as the suspect first, so that if it kills this
+    worker too the next attempt knows which one to quarantine. Slower, and only for such shards."""
+    for request in requests:
+        if heartbeat.should_stop():
+            return
+        with session_scope(url) as session:
+            if not mark_suspect(session=session, shard_id=job.shard_id, attempt=job.attempt,
+                                custom_id=request.request_id):
+                heartbeat.lease_lost.set()
+                return
+        _run_model(lm, [request], writer, heartbeat)
 
 
 def _run_model(lm: ServedModel, requests: list[GenerationRequest], writer: _ResultWriter,

@@ -6,6 +6,7 @@ import json
 import threading
 import time
 
+import pytest
 from sqlalchemy import func, select, update
 
 from db.batches import request_cancel
@@ -245,3 +246,47 @@ def test_attempt_past_its_time_limit_is_released_then_resumed(settings, make_bat
     resumed = _run(settings, shard_id, slow)
     assert (resumed.status, resumed.attempt, resumed.skipped) == ("done", 2, outcome.written)
     assert [r.custom_id for r in _results(settings, made.batch_id)] == ["r0", "r1", "r2", "r3"]
+
+
+class WorkerDeath(BaseException):
+    """Stands for the process dying (an OOM kill): nothing of run_shard's cleanup runs."""
+
+
+class DeadlyModel(FakeModel):
+    """Kills its "process" whenever a submitted request's prompt holds "deadly"."""
+
+    def submit(self, requests):
+        if any(b"deadly" in bytes(t for t in r.prompt_token_ids if t < 256) for r in requests):
+            raise WorkerDeath
+        return super().submit(requests)
+
+
+def _die_and_be_reaped(settings, shard_id, model):
+    from workers.reaper import reap
+
+    with pytest.raises(WorkerDeath):
+        _run(settings, shard_id, model)
+    with session_scope(settings.database_url) as session:  # the dead worker's lease runs out
+        session.execute(update(Shard).where(Shard.id == shard_id).values(lease_expires_at=0))
+    assert reap(settings).redispatched == [shard_id]  # requeued (no broker in these tests to send it)
+
+
+def test_request_that_kills_its_worker_is_quarantined_and_the_rest_finish(settings, make_batch):
+    made = make_batch([chat_line("r0", "hi"), chat_line("r1", "deadly"), chat_line("r2", "ho"),
+                       chat_line("r3", "ha")])
+    shard_id = made.shard_ids[0]
+    model = DeadlyModel()
+    _die_and_be_reaped(settings, shard_id, model)  # attempt 1: all four batched together, nothing stored
+    _die_and_be_reaped(settings, shard_id, model)  # attempt 2: one at a time; r0 stored, dies on r1
+    assert [r.custom_id for r in _results(settings, made.batch_id)] == ["r0"]
+    with session_scope(settings.database_url) as session:
+        shard = session.get(Shard, shard_id)
+        assert (shard.deaths, shard.suspect, shard.status) == (2, "r1", ShardStatus.QUEUED)
+    outcome = _run(settings, shard_id, model)  # attempt 3: r1 quarantined, r2 and r3 run
+    assert (outcome.status, outcome.attempt, outcome.finalized) == ("done", 3, True)
+    batch = _batch(settings, made.batch_id)
+    assert batch.status == BatchStatus.COMPLETED
+    assert [line["custom_id"] for line in _file_lines(settings, batch.output_file_id)] == ["r0", "r2", "r3"]
+    [quarantined] = _file_lines(settings, batch.error_file_id)
+    assert quarantined["custom_id"] == "r1"
+    assert quarantined["response"]["body"]["error"]["code"] == "request_quarantined"

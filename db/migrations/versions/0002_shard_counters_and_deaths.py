@@ -1,4 +1,5 @@
-"""shards count their stored results (succeeded, failed, tokens), filled in from request_results
+"""shards count their stored results (succeeded, failed, tokens; filled in from request_results),
+their workers' deaths, and the request running alone when one died (suspect)
 
 Revision ID: 0002
 Revises: 0001
@@ -25,6 +26,8 @@ def upgrade() -> None:
     with op.batch_alter_table("shards") as batch:
         for name, (_, _, type_) in COUNTERS.items():
             batch.add_column(sa.Column(name, type_, nullable=False, server_default="0"))
+        batch.add_column(sa.Column("deaths", sa.Integer(), nullable=False, server_default="0"))
+        batch.add_column(sa.Column("suspect", sa.String(length=512), nullable=True))
     for name, (aggregate, where, _) in COUNTERS.items():  # existing batches keep their progress
         op.execute(f"UPDATE shards SET {name} = (SELECT {aggregate} FROM request_results "
                    f"WHERE request_results.shard_id = shards.id AND {where})")
@@ -32,5 +35,5 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     with op.batch_alter_table("shards") as batch:
-        for name in COUNTERS:
+        for name in (*COUNTERS, "deaths", "suspect"):
             batch.drop_column(name)
