@@ -53,9 +53,16 @@ def revoke_api_key(*, session: Session, key: str) -> int:
     return result.rowcount
 
 
-def list_api_keys(*, session: Session, tenant_id: str) -> list[ApiKey]:
-    """The tenant's keys, revoked ones included, oldest first."""
-    return list(session.scalars(select(ApiKey).where(ApiKey.tenant_id == tenant_id).order_by(ApiKey.created_at)))
+def list_api_keys(*, session: Session, tenant_id: str | None = None,
+                  prefix: str | None = None) -> list[tuple[ApiKey, str]]:
+    """(key, tenant name) for the keys of one tenant or all, revoked ones included, oldest first;
+    prefix keeps those whose shown prefix starts with it. Secrets are never stored, so never listed."""
+    query = select(ApiKey, Tenant.name).join(Tenant, Tenant.id == ApiKey.tenant_id)
+    if tenant_id is not None:
+        query = query.where(ApiKey.tenant_id == tenant_id)
+    if prefix:
+        query = query.where(ApiKey.prefix.startswith(prefix, autoescape=True))
+    return [(key, name) for key, name in session.execute(query.order_by(ApiKey.created_at, ApiKey.id))]
 
 
 def tenant_for_key(*, session: Session, secret: str) -> Tenant | None:

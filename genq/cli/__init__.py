@@ -14,8 +14,9 @@ app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="genq: self-hosted, OpenAI-compatible batch generation.")
 for _command in (servers.api, servers.migrate, servers.worker, servers.reaper):
     app.command()(_command)
-keys_app = typer.Typer(no_args_is_help=True, help="Create and revoke API keys.")
+keys_app = typer.Typer(no_args_is_help=True, help="Create, list and revoke API keys.")
 keys_app.command("create")(servers.keys_create)
+keys_app.command("list")(servers.keys_list)
 keys_app.command("revoke")(servers.keys_revoke)
 app.add_typer(keys_app, name="keys")
 for _command in (embedded.run, client.submit, client.status, client.results):

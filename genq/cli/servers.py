@@ -10,6 +10,8 @@ import time
 from typing import Annotated
 
 import typer
+from rich.console import Console
+from rich.table import Table
 
 from genq.cli.console import EXIT_SYSTEM_FAILURE, console
 from genq.settings import Settings, get_settings
@@ -31,6 +33,8 @@ def api(host: Annotated[str | None, typer.Option(help="Bind address [GENQ_API_HO
 def _migrate(settings: Settings) -> None:
     from db.migrate import upgrade_to_head
 
+    if not settings.database_url:  # the embedded SQLite file lives under GENQ_HOME
+        settings.home.mkdir(parents=True, exist_ok=True)
     upgrade_to_head(settings.resolved_database_url())
 
 
@@ -134,12 +138,41 @@ def keys_create(tenant: Annotated[str, typer.Option(help="Tenant name (created i
     from db.tenants import create_api_key, create_tenant, get_tenant
 
     settings = get_settings()
+    _migrate(settings)  # keys are often the first thing made in a new deployment
     with session_scope(settings.resolved_database_url()) as session:
         row = get_tenant(session=session, tenant=tenant) or create_tenant(session=session, name=tenant)
         key, secret = create_api_key(session=session, tenant_id=row.id)
         key_id = key.id
     console.print(f"key {key_id} for tenant {tenant!r} (store it now: it is not shown again)")
     print(secret)
+
+
+def keys_list(tenant: Annotated[str | None, typer.Option(help="Only this tenant's keys.")] = None,
+              prefix: Annotated[str | None, typer.Option(help="Only keys whose prefix starts so.")] = None) -> None:
+    """List API keys: id, tenant, shown prefix, created, revoked (the secrets themselves are not stored)."""
+    from db.session import session_scope
+    from db.tenants import get_tenant, list_api_keys
+
+    with session_scope(get_settings().resolved_database_url()) as session:
+        tenant_id = None
+        if tenant is not None:
+            row = get_tenant(session=session, tenant=tenant)
+            if row is None:
+                console.print(f"[red]no tenant {tenant!r}[/]")
+                raise typer.Exit(EXIT_SYSTEM_FAILURE)
+            tenant_id = row.id
+        keys = [(key.id, name, key.prefix, key.created_at, key.revoked_at)
+                for key, name in list_api_keys(session=session, tenant_id=tenant_id, prefix=prefix)]
+    table = Table()
+    for column in ("id", "tenant", "prefix", "created", "revoked"):
+        table.add_column(column, no_wrap=True)
+    for key_id, name, shown, created, revoked in keys:
+        table.add_row(key_id, name, shown + "...", _when(created), _when(revoked) if revoked else "-")
+    Console(width=140).print(table)  # ids whole, even in a pipe
+
+
+def _when(epoch: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch))
 
 
 def keys_revoke(key: Annotated[str, typer.Argument(help="Key id or prefix.")]) -> None:

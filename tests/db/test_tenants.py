@@ -32,7 +32,9 @@ def test_revoke_by_id_and_prefix(session, tenant) -> None:
     session.commit()
     assert tenant_for_key(session=session, secret=first_secret) is None
     assert tenant_for_key(session=session, secret=second_secret) is None
-    assert all(k.revoked_at for k in list_api_keys(session=session, tenant_id=tenant.id))
+    assert all(k.revoked_at for k, _ in list_api_keys(session=session, tenant_id=tenant.id))
+    assert [k.id for k, name in list_api_keys(session=session, prefix=second.prefix[:12])] == [second.id]
+    assert {name for _, name in list_api_keys(session=session, tenant_id=tenant.id)} == {tenant.name}
 
 
 def test_bootstrap_key_is_registered_once(session, tenant) -> None:
@@ -40,7 +42,7 @@ def test_bootstrap_key_is_registered_once(session, tenant) -> None:
     assert ensure_bootstrap_key(session=session, secret=secret, tenant_name=tenant.name).id == tenant.id
     assert ensure_bootstrap_key(session=session, secret=secret, tenant_name="other").id == tenant.id
     assert len(list_api_keys(session=session, tenant_id=tenant.id)) == 1
-    revoke_api_key(session=session, key=list_api_keys(session=session, tenant_id=tenant.id)[0].id)
+    revoke_api_key(session=session, key=list_api_keys(session=session, tenant_id=tenant.id)[0][0].id)
     ensure_bootstrap_key(session=session, secret=secret, tenant_name=tenant.name)
     assert tenant_for_key(session=session, secret=secret) is None  # revocation sticks
     session.commit()
