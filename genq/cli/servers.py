@@ -17,6 +17,30 @@ from genq.cli.console import EXIT_SYSTEM_FAILURE, console
 from genq.settings import Settings, get_settings
 
 
+def configuration_problems(settings: Settings) -> list[str]:
+    """What makes settings unsafe for a server deployment (API, workers, reaper on their own machines);
+    each would otherwise be a silent default that loses or splits work."""
+    problems = []
+    if settings.broker_url and not settings.database_url:
+        problems.append("GENQ_BROKER_URL is set but GENQ_DATABASE_URL is not: every process would keep job state "
+                        f"in its own SQLite file under {settings.home}; name the shared database (PostgreSQL)")
+    if settings.resolved_storage_url().startswith("s3://"):
+        import boto3
+
+        if boto3.Session().get_credentials() is None:
+            problems.append(f"GENQ_STORAGE_URL is {settings.storage_url!r} but no S3 credentials were found "
+                            "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a profile, or an instance role)")
+    return problems
+
+
+def _refuse_dangerous_configuration(settings: Settings) -> None:
+    problems = configuration_problems(settings)
+    for problem in problems:
+        console.print(f"[red]configuration error[/]: {problem}")
+    if problems:
+        raise typer.Exit(EXIT_SYSTEM_FAILURE)
+
+
 def api(host: Annotated[str | None, typer.Option(help="Bind address [GENQ_API_HOST].")] = None,
         port: Annotated[int | None, typer.Option(help="Port [GENQ_API_PORT].")] = None,
         migrate: Annotated[bool, typer.Option(help="Upgrade the database schema first.")] = False,
@@ -25,6 +49,7 @@ def api(host: Annotated[str | None, typer.Option(help="Bind address [GENQ_API_HO
     import uvicorn
 
     settings = get_settings()
+    _refuse_dangerous_configuration(settings)
     if migrate:
         _migrate(settings)
     uvicorn.run("api.main:app", host=host or settings.api_host, port=port or settings.api_port, workers=workers)
@@ -75,6 +100,7 @@ def worker(
     if not settings.broker_url:
         console.print("[red]GENQ_BROKER_URL is not set[/]: a worker needs a broker (use `genq run` without one)")
         raise typer.Exit(EXIT_SYSTEM_FAILURE)
+    _refuse_dangerous_configuration(settings)
     served = [m.strip() for m in models.split(",") if m.strip()] if models else []
     if models:
         tasks.PRELOAD_MODELS[:] = served
@@ -115,6 +141,7 @@ def reaper(parent_pid: Annotated[int | None, typer.Option(hidden=True)] = None,
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s reaper %(levelname)s %(message)s")
     settings = get_settings()
+    _refuse_dangerous_configuration(settings)
     while True:
         if parent_pid is not None and os.getppid() != parent_pid:
             return  # the worker that started us is gone
