@@ -60,6 +60,7 @@ class ShardPlan:
     model: str  # every request in the shard names this model
     input_key: str  # storage key of its JSONL lines
     request_count: int  # lines in the shard
+    requested_tokens: int  # the most its requests may generate (max_tokens, or the default)
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,10 @@ class ValidatedInput:
 
     total: int  # requests (non-blank lines)
     shards: list[ShardPlan]  # in index order
+
+    @property
+    def requested_tokens(self) -> int:
+        return sum(shard.requested_tokens for shard in self.shards)
 
     @property
     def models(self) -> list[str]:
@@ -118,7 +123,9 @@ def _validate_lines(stream: BinaryIO, *, settings: Settings, endpoint: str, writ
             if len(errors) >= MAX_REPORTED_ERRORS:
                 break
         elif not errors:
-            writer.add(number, checked)
+            body = checked["body"]
+            explicit = body.get("max_completion_tokens") or body.get("max_tokens")
+            writer.add(number, checked, explicit or min(settings.default_max_tokens, context_lengths[body["model"]]))
     if not errors and total == 0:
         errors.append(LineError("empty_file", "The input file holds no requests", None, None))
     if errors:
@@ -205,6 +212,7 @@ class _SpooledShard:
     model: str
     file: BinaryIO  # open for writing until the shard is full or the input ends
     lines: int = 0
+    tokens: int = 0  # the most its requests may generate
 
 
 class _ShardSpool:
@@ -219,7 +227,7 @@ class _ShardSpool:
     def _path(self, index: int) -> Path:
         return self.directory / f"{index:05d}.jsonl"
 
-    def add(self, number: int, request: dict[str, Any]) -> None:
+    def add(self, number: int, request: dict[str, Any], max_tokens: int) -> None:
         model = request["body"]["model"]
         shard = self.filling.get(model)
         if shard is None:
@@ -228,6 +236,7 @@ class _ShardSpool:
         line = {"line": number, "custom_id": request["custom_id"], "body": request["body"]}
         shard.file.write(json.dumps(line, ensure_ascii=False, separators=(",", ":")).encode() + b"\n")
         shard.lines += 1
+        shard.tokens += max_tokens
         if shard.lines == self.shard_size:
             self._close(model)
 
@@ -248,5 +257,6 @@ class _ShardSpool:
             key = shard_key(batch_id, shard.index)
             with open(self._path(shard.index), "rb") as spooled:
                 store.put_stream(key, spooled)
-            plans.append(ShardPlan(index=shard.index, model=shard.model, input_key=key, request_count=shard.lines))
+            plans.append(ShardPlan(index=shard.index, model=shard.model, input_key=key, request_count=shard.lines,
+                                   requested_tokens=shard.tokens))
         return plans

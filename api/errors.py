@@ -81,6 +81,22 @@ class PayloadTooLarge(ApiError):
     default_code = "file_too_large"
 
 
+class RateLimited(ApiError):
+    """429: a per-key rate limit or a per-tenant queue cap; retry_after seconds go in the header."""
+
+    status_code = 429
+    error_type = "requests"
+    default_code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after: int, code: str | None = None, error_type: str = "requests",
+                 retry: bool = True) -> None:
+        super().__init__(message, code=code)
+        self.error_type = error_type
+        self.headers = {"retry-after": str(retry_after)}
+        if not retry:  # a queue cap frees up as batches finish, not within the SDK's retries
+            self.headers["x-should-retry"] = "false"
+
+
 class ServiceUnavailable(ApiError):
     """503: a dependency (database, storage) cannot be reached."""
 
@@ -117,7 +133,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ApiError)
     async def api_error(_request: Request, exc: ApiError) -> JSONResponse:
-        return _response(exc)
+        return _response(exc, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -12,9 +12,10 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
-from api import batches, files, health, models
+from api import batches, files, health, limits, models
 from api.errors import install_error_handlers
 from api.input_guard import InputGuard
+from api.limits import RateLimiter
 from db.session import session_scope
 from db.tenants import ensure_bootstrap_key
 from genq.settings import Settings, get_settings
@@ -39,6 +40,9 @@ Differences from OpenAI, all additive:
   error lines); `POST /v1/batches/{id}/retry_failed` makes a new batch (`retried_from`) of a finished batch's
   failed and never-run requests.
 - Uploads larger than the deployment's limit are 413 `file_too_large`; purposes are `batch` and `fine-tune`.
+- **Limits**: each key has a requests-per-minute limit (`x-ratelimit-*-requests` headers on every response) and
+  each tenant caps on requests and tokens queued; past one, 429 with `retry-after` and a message naming the
+  limit and its numbers. `GET /v1/genq/limits` shows them all.
 """
 
 
@@ -64,9 +68,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="genq", version="0.1.0", lifespan=lifespan, description=API_DESCRIPTION)
     app.state.settings = settings
     app.state.store = store_from_settings(settings)
+    app.state.rate_limiter = RateLimiter(settings)
     install_error_handlers(app)
     app.add_middleware(InputGuard)
-    for module in (files, batches, models, health):
+    for module in (files, batches, models, limits, health):
         app.include_router(module.router)
     return app
 

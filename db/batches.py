@@ -26,6 +26,7 @@ class NewShard:
     queue: str  # the Celery queue of that model's workers
     input_key: str  # storage key of its JSONL request lines
     request_count: int  # lines in it
+    requested_tokens: int = 0  # the most its requests may generate
 
 
 @dataclass(frozen=True)
@@ -67,8 +68,8 @@ def add_shards(*, session: Session, batch_id: str, shards: list[NewShard]) -> li
     """Inserts the batch's shards as `queued` and returns them with their ids; the caller commits."""
     now = time.time()
     rows = [Shard(batch_id=batch_id, index=s.index, model=s.model, queue=s.queue, input_key=s.input_key,
-                  request_count=s.request_count, status=ShardStatus.QUEUED, attempt=0, created_at=now,
-                  updated_at=now) for s in shards]
+                  request_count=s.request_count, requested_tokens=s.requested_tokens, status=ShardStatus.QUEUED,
+                  attempt=0, created_at=now, updated_at=now) for s in shards]
     session.add_all(rows)
     session.flush()
     return rows
@@ -99,6 +100,17 @@ def list_batches(*, session: Session, tenant_id: str, after: str | None = None,
                                     and_(Batch.created_at == cursor.created_at, Batch.id < cursor.id)))
     rows = list(session.scalars(query.order_by(Batch.created_at.desc(), Batch.id.desc()).limit(limit + 1)))
     return rows[:limit], len(rows) > limit
+
+
+def queued_work(*, session: Session, tenant_id: str) -> tuple[int, int]:
+    """(requests not yet answered, tokens they may generate) in the tenant's queued and running shards."""
+    requests, tokens = session.execute(
+        select(func.coalesce(func.sum(Shard.request_count - Shard.succeeded - Shard.failed), 0),
+               func.coalesce(func.sum(Shard.requested_tokens), 0))
+        .join(Batch, Batch.id == Shard.batch_id)
+        .where(Batch.tenant_id == tenant_id, Shard.status.in_((ShardStatus.QUEUED, ShardStatus.RUNNING)))
+    ).one()
+    return int(requests), int(tokens)
 
 
 def list_shards(*, session: Session, batch_id: str) -> list[Shard]:

@@ -146,6 +146,8 @@ class Shard(Base):
     # shard runs its requests one at a time, naming each in `suspect` first: when a request kills its
     # worker again, the next attempt quarantines that one request and finishes the others.
     deaths: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # The most tokens its requests may generate (max_tokens, or the default): the tenant's queued-token cap.
+    requested_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     suspect: Mapped[str | None] = mapped_column(String(512))
     __table_args__ = (
         UniqueConstraint("batch_id", "index", name="uq_shards_batch_index"),

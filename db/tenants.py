@@ -65,6 +65,14 @@ def list_api_keys(*, session: Session, tenant_id: str | None = None,
     return [(key, name) for key, name in session.execute(query.order_by(ApiKey.created_at, ApiKey.id))]
 
 
+def live_key(*, session: Session, secret: str) -> ApiKey | None:
+    """The live (unrevoked) key whose secret is secret, or None.
+
+    Looked up by the secret's sha256, so no comparison of secrets ever runs (nothing to time)."""
+    return session.scalars(select(ApiKey).where(ApiKey.key_hash == hash_secret(secret),
+                                                ApiKey.revoked_at.is_(None))).first()
+
+
 def tenant_for_key(*, session: Session, secret: str) -> Tenant | None:
     """The tenant owning the live (unrevoked) key whose secret is secret, or None."""
     return session.scalars(

@@ -56,6 +56,12 @@ class Settings(BaseSettings):
     queued_redispatch_seconds: float = 300
     # A batch left in "finalizing" this long (finalizer crashed) is finalized again by the reaper.
     finalizing_stale_seconds: float = 600
+    # Per API key: requests per minute (0: no limit); counted in Redis when there is a broker, so every
+    # API process shares the count. Per tenant: requests and tokens (the most they may generate) in
+    # queued and running shards; a batch that would pass either cap is refused with a 429.
+    rate_limit_requests_per_minute: int = 3000
+    max_queued_requests_per_tenant: int = 1_000_000
+    max_queued_tokens_per_tenant: int = 1_000_000_000
     # max_tokens when a request names none: this, capped by what the context leaves after the prompt.
     default_max_tokens: int = 1024
 

@@ -1,5 +1,6 @@
 """shards count their stored results (succeeded, failed, tokens; filled in from request_results),
-their workers' deaths, and the request running alone when one died (suspect)
+their workers' deaths, the request running alone when one died (suspect), and the tokens their
+requests may generate (requested_tokens; 0 for shards made before)
 
 Revision ID: 0002
 Revises: 0001
@@ -27,6 +28,7 @@ def upgrade() -> None:
         for name, (_, _, type_) in COUNTERS.items():
             batch.add_column(sa.Column(name, type_, nullable=False, server_default="0"))
         batch.add_column(sa.Column("deaths", sa.Integer(), nullable=False, server_default="0"))
+        batch.add_column(sa.Column("requested_tokens", sa.BigInteger(), nullable=False, server_default="0"))
         batch.add_column(sa.Column("suspect", sa.String(length=512), nullable=True))
     for name, (aggregate, where, _) in COUNTERS.items():  # existing batches keep their progress
         op.execute(f"UPDATE shards SET {name} = (SELECT {aggregate} FROM request_results "
@@ -35,5 +37,5 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     with op.batch_alter_table("shards") as batch:
-        for name in (*COUNTERS, "deaths", "suspect"):
+        for name in (*COUNTERS, "deaths", "suspect", "requested_tokens"):
             batch.drop_column(name)
