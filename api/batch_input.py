@@ -19,6 +19,7 @@ from api.errors import InvalidRequest
 from genq.json_guard import MAX_JSON_DEPTH, has_control_character, json_problem
 from genq.settings import Settings
 from storage import Store
+from storage.keys import shard_key
 from workers.registry import list_models
 from workers.request_contract import RequestError, parse_body
 
@@ -78,11 +79,6 @@ class ValidatedInput:
     def models(self) -> list[str]:
         """The models named in the file, in order of first appearance (a model's first shard comes first)."""
         return list(dict.fromkeys(shard.model for shard in self.shards))
-
-
-def shard_key(batch_id: str, index: int) -> str:
-    """The storage key of a batch's shard."""
-    return f"batches/{batch_id}/shards/{index:05d}.jsonl"
 
 
 def validate_and_shard(*, store: Store, settings: Settings, input_key: str, endpoint: str,

@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session
 
 from db.ids import sortable_id
 from db.models import File
+from storage.keys import file_key
 
 
 def new_file_id() -> str:
@@ -19,7 +20,7 @@ def new_file_id() -> str:
 
 def file_storage_key(file_id: str) -> str:
     """The storage key that holds a file's bytes."""
-    return f"files/{file_id}"
+    return file_key(file_id)
 
 
 def create_file(*, session: Session, tenant_id: str, file_id: str, filename: str, purpose: str, size: int,

@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     queued_redispatch_seconds: float = 300
     # A batch left in "finalizing" this long (finalizer crashed) is finalized again by the reaper.
     finalizing_stale_seconds: float = 600
+    # A finished batch is deleted (rows, shard inputs, output and error files) this long after it
+    # finished; 0 keeps batches forever. Files go at their own expires_after.
+    batch_retention_seconds: float = 30 * 86400
     # Per API key: requests per minute (0: no limit); counted in Redis when there is a broker, so every
     # API process shares the count. Per tenant: requests and tokens (the most they may generate) in
     # queued and running shards; a batch that would pass either cap is refused with a 429.

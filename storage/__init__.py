@@ -64,6 +64,10 @@ class Store(Protocol):
         """The length of key's object in bytes."""
         ...
 
+    def list_keys(self, prefix: str) -> Iterator[str]:
+        """Every key that starts with prefix (a directory-like prefix ending in "/"), in no set order."""
+        ...
+
 
 def store_from_settings(settings: Settings) -> Store:
     """The Store that settings.storage_url names: S3Store for "s3://BUCKET/PREFIX", else LocalStore."""

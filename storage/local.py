@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -78,3 +79,11 @@ class LocalStore(Store):
     def size(self, key: str) -> int:
         """The file's length in bytes."""
         return self._existing(key).stat().st_size
+
+    def list_keys(self, prefix: str) -> Iterator[str]:
+        """Files under the prefix directory (partial ".part" writes excluded)."""
+        root = self._path(prefix.rstrip("/"))
+        if not root.is_dir():
+            return iter(())
+        return (f"{prefix.rstrip('/')}/{p.relative_to(root).as_posix()}" for p in root.rglob("*")
+                if p.is_file() and not p.name.endswith(".part"))

@@ -9,7 +9,7 @@ already being read is not retried mid-way.
 from __future__ import annotations
 
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO, TypeVar
 
 import boto3
@@ -123,6 +123,14 @@ class S3Store(Store):
         """The object's ContentLength."""
         head = self._call(key, lambda: self.client.head_object(Bucket=self.bucket, Key=self._key(key)))
         return int(head["ContentLength"])
+
+    def list_keys(self, prefix: str) -> Iterator[str]:
+        """ListObjectsV2 pages under the prefix, as genq keys (the store's own prefix removed)."""
+        full = self._key(prefix.rstrip("/")) + ("/" if prefix.endswith("/") else "")
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        pages = self._call(prefix, lambda: list(self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=full)))
+        return (item["Key"][strip:] for page in pages for item in page.get("Contents", []))
 
 
 class _CountingReader(io.RawIOBase):

@@ -29,6 +29,7 @@ from db.models import Batch, BatchStatus, File, RequestOutcome, RequestResult, S
 from db.session import insert_ignoring_conflicts, session_scope
 from genq.settings import Settings
 from storage import Store, store_from_settings
+from storage.keys import batch_result_key
 from workers.chat import batch_error_line, stable_id
 from workers.shard_files import read_shard_lines
 
@@ -146,10 +147,11 @@ def finalize_batch(settings: Settings, batch_id: str) -> None:
         created = int(_now())
         files: dict[str, str | None] = {}
         for kind, outcome in (("output", RequestOutcome.SUCCEEDED), ("errors", RequestOutcome.FAILED)):
-            key = f"batches/{batch_id}/{kind}.jsonl"
+            key = batch_result_key(batch_id, kind)
             lines, size = _write_lines(session, store, batch_id, outcome, key)
             if kind == "errors" and lines == 0:
                 files[kind] = None  # as OpenAI: no error file when nothing failed
+                store.delete(key)  # nor an empty object that no row names
                 continue
             file_id = output_file_id(batch_id, kind)
             _insert_file(session, id=file_id, tenant_id=batch.tenant_id, filename=f"{batch_id}_{kind}.jsonl",

@@ -8,7 +8,9 @@ may run at once:
      broker is missing messages for (lost in a Redis flush or never published);
   3. batches past expires_at -> marked expired (running shards stop at their next heartbeat);
   4. batches in_progress/cancelling with no queued or running shard -> finalized;
-  5. batches stuck in finalizing for finalizing_stale_seconds -> finalized again.
+  5. batches stuck in finalizing for finalizing_stale_seconds -> finalized again;
+  6. expired files and finished batches past their retention -> deleted, rows and objects
+     (workers/retention.py).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from db.session import session_scope
 from genq.settings import Settings
 from workers.dispatch import enqueue_shards, queue_depths
 from workers.finalize import maybe_finalize, refinalize_stale
+from workers.retention import collect
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +47,8 @@ class ReapReport:
     failed_shards: int = 0  # shards that ran out of attempts
     expired_batches: list[str] = field(default_factory=list)
     finalized_batches: list[str] = field(default_factory=list)
+    deleted_files: list[str] = field(default_factory=list)  # past expires_at
+    deleted_batches: list[str] = field(default_factory=list)  # finished longer than batch_retention_seconds
 
 
 def reap(settings: Settings) -> ReapReport:
@@ -85,6 +90,8 @@ def reap(settings: Settings) -> ReapReport:
     for batch_id in stale:
         if refinalize_stale(settings, batch_id, settings.finalizing_stale_seconds):
             report.finalized_batches.append(batch_id)
+    collected = collect(settings)
+    report.deleted_files, report.deleted_batches = collected.files, collected.batches
     return report
 
 

@@ -147,7 +147,8 @@ def reaper(parent_pid: Annotated[int | None, typer.Option(hidden=True)] = None,
             return  # the worker that started us is gone
         try:
             report = reap(settings)
-            if report.redispatched or report.expired_batches or report.finalized_batches or report.failed_shards:
+            if any((report.redispatched, report.expired_batches, report.finalized_batches, report.failed_shards,
+                    report.deleted_files, report.deleted_batches)):
                 logging.info("%s", report)
         except Exception:
             logging.exception("reaper pass failed; retrying next interval")

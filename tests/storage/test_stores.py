@@ -93,3 +93,12 @@ def test_store_from_settings(tmp_path) -> None:
     assert isinstance(local, LocalStore) and local.root == tmp_path / "s"
     s3 = store_from_settings(Settings(storage_url="s3://bkt/some/prefix", s3_endpoint_url="http://127.0.0.1:1"))
     assert isinstance(s3, S3Store) and s3.bucket == "bkt" and s3.prefix == "some/prefix"
+
+
+def test_list_keys_under_a_prefix(store: Store) -> None:
+    for key in ("batches/batch_a/shards/00000.jsonl", "batches/batch_a/output.jsonl", "batches/batch_b/x.jsonl",
+                "files/file-1"):
+        store.put_bytes(key, b"x")
+    assert sorted(store.list_keys("batches/batch_a/")) == ["batches/batch_a/output.jsonl",
+                                                          "batches/batch_a/shards/00000.jsonl"]
+    assert list(store.list_keys("batches/batch_none/")) == []
