@@ -96,9 +96,9 @@ def test_upload_that_cannot_be_recorded_leaves_no_bytes(client: openai.OpenAI, a
     def database_down(**_kwargs):
         raise OperationalError("INSERT", {}, Exception("connection refused"))
 
-    monkeypatch.setattr("api.files.new_file_id", lambda: "file-notrecorded")
+    monkeypatch.setattr("api.files.new_file_id", lambda: "file-00000000000000000000dead")
     monkeypatch.setattr("api.files.create_file", database_down)
     with pytest.raises(openai.APIStatusError) as info:
         client.files.create(file=("a.jsonl", b"{}\n"), purpose="batch")
     assert info.value.status_code == 503
-    assert not app.state.store.exists("files/file-notrecorded")
+    assert not app.state.store.exists("files/file-00000000000000000000dead")
