@@ -13,12 +13,15 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from api.auth import TenantDep
+from api.batch_input import MAX_LINE_BYTES
 from api.deps import SessionDep, SettingsDep, StoreDep
 from api.errors import InvalidRequest, no_such
 from api.schemas import FileDeleted, FileList, FileObject
+from api.upload_limits import JsonlLimits
 from api.uploads import receive_upload
 from db.files import create_file, delete_file, file_storage_key, get_file, list_files, new_file_id
 from db.models import File
+from genq.json_guard import MAX_JSON_DEPTH
 from storage import StorageError
 
 log = logging.getLogger(__name__)
@@ -68,7 +71,8 @@ async def upload_file(request: Request, tenant_id: TenantDep, session: SessionDe
     """Stores the multipart 'file' (at most settings.max_file_bytes; 413 beyond) and records it."""
     file_id = new_file_id()
     key = file_storage_key(file_id)
-    upload = await receive_upload(request, store=store, key=key, limit=settings.max_file_bytes)
+    lines = JsonlLimits(max_lines=settings.max_batch_requests, max_line_bytes=MAX_LINE_BYTES, max_depth=MAX_JSON_DEPTH)
+    upload = await receive_upload(request, store=store, key=key, limit=settings.max_file_bytes, lines=lines)
 
     def record() -> File:
         purpose, expires_at = upload_purpose_and_expiry(upload.fields)

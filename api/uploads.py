@@ -20,6 +20,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.concurrency import run_in_threadpool
 
 from api.errors import InvalidRequest, PayloadTooLarge
+from api.upload_limits import JsonlLimits
 from genq.json_guard import has_control_character
 from storage import Store
 
@@ -134,8 +135,10 @@ class _UploadParser:
             self.fields[self.part_name] = self.field_data.decode("utf-8", "replace")
 
 
-async def receive_upload(request: Request, *, store: Store, key: str, limit: int) -> ReceivedUpload:
-    """Parses the multipart body, storing its one file part at key; raises PayloadTooLarge past limit bytes."""
+async def receive_upload(request: Request, *, store: Store, key: str, limit: int,
+                         lines: JsonlLimits | None = None) -> ReceivedUpload:
+    """Parses the multipart body, storing its one file part at key; raises PayloadTooLarge past limit
+    bytes, and lines' InvalidRequest when the JSONL passes one of its limits (checked as it streams)."""
     content_type, options = parse_options_header(request.headers.get("content-type", ""))
     if content_type != b"multipart/form-data" or b"boundary" not in options:
         raise InvalidRequest("Upload files as multipart/form-data with a 'file' and a 'purpose' field.",
@@ -158,12 +161,16 @@ async def receive_upload(request: Request, *, store: Store, key: str, limit: int
                 if size > limit:
                     raise PayloadTooLarge(f"The file is larger than the {limit}-byte limit of this deployment.",
                                           param="file")
+                if lines is not None:
+                    lines.feed(piece)
                 await _send(pipe, piece, upload)
             state.file_chunks.clear()
         parser.finalize()
         if upload is None or not state.file_ended:
             raise InvalidRequest("Missing required parameter: 'file'.", param="file",
                                  code="missing_required_parameter")
+        if lines is not None:
+            lines.finish()
         await _send(pipe, None, upload)
         stored = await upload
     except BaseException as exc:

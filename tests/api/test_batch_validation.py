@@ -59,7 +59,6 @@ BAD_FILES = {
     "missing_messages": (jsonl([{**chat_line("a"), "body": {"model": chat_line("a")["body"]["model"]}}]),
                          "missing_required_parameter", 1, "body.messages"),
     "empty_file": (b"\n\n", "empty_file", None, None),
-    "too_many_requests": (jsonl([chat_line(f"r{i}") for i in range(51)]), "too_many_requests", 51, None),
 }
 
 

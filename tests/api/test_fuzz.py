@@ -86,3 +86,20 @@ def test_request_contract_types_or_names_the_parameter(body: dict, endpoint: str
     assert isinstance(parsed, ParsedRequest) and parsed.model == body["model"]
     assert 0 <= parsed.params.temperature <= 2 and 0 < parsed.params.top_p <= 1
     assert parsed.params.seed is None or -(2**63) <= parsed.params.seed < 2**63
+
+
+def _depth(value) -> int:
+    if isinstance(value, dict):
+        return 1 + max(map(_depth, value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max(map(_depth, value), default=0)
+    return 0
+
+
+@FUZZ
+@given(json_values)
+def test_upload_nesting_scan_matches_the_parsed_depth(value) -> None:
+    from api.upload_limits import nesting_depth
+
+    assert nesting_depth(json.dumps(value).encode()) == _depth(value)
+    assert nesting_depth(json.dumps(value, ensure_ascii=False).encode("utf-8", "surrogatepass")) == _depth(value)

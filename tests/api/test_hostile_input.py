@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -48,11 +49,13 @@ BAD_LINES = {
 
 
 @pytest.mark.parametrize("case", list(BAD_LINES))
-def test_unstorable_line_is_refused_at_create_naming_the_line(http, auth, case) -> None:
+def test_unstorable_line_is_refused_naming_the_line(http, auth, case) -> None:
+    """At upload when a streaming limit sees it (nesting), else at create."""
     content, line, param = BAD_LINES[case]
-    file_id = upload(http, auth, content).json()["id"]
-    error = assert_openai_4xx(create(http, auth, file_id))
-    assert (error["line"], error["param"]) == (line, param)
+    uploaded = upload(http, auth, content)
+    refused = uploaded if uploaded.status_code != 200 else create(http, auth, uploaded.json()["id"])
+    error = assert_openai_4xx(refused)
+    assert (error["line"], error["param"]) == (line, param if refused is not uploaded else "file")
     assert error["message"].startswith(f"Line {line}: ")
     assert http.get("/v1/batches", headers=auth).json()["data"] == []
 
@@ -114,3 +117,23 @@ def test_bad_upload_filename_is_400(http, auth, name) -> None:
                          content=body)
     assert assert_openai_4xx(response)["param"] == "file"
     assert http.get("/v1/files", headers=auth).json()["data"] == []
+
+
+@pytest.mark.parametrize(("content", "code", "line"), [
+    (jsonl([chat_line(f"r{i}") for i in range(51)]), "too_many_lines", 51),  # max_batch_requests is 50 here
+    (jsonl([chat_line("a")]) + b'{"custom_id": "' + b"x" * (33 << 20) + b'"}\n', "line_too_long", 2),
+    (jsonl([chat_line("a"), chat_line("b")]) + b"[" * 40 + b"]" * 40 + b"\n", "json_too_deep", 3),
+])
+def test_upload_limits_are_enforced_while_streaming(http, auth, settings, content, code, line) -> None:
+    settings.max_file_bytes = 64 << 20
+    error = assert_openai_4xx(upload(http, auth, content))
+    assert (error["code"], error["line"], error["param"]) == (code, line, "file")
+    assert error["message"].startswith(f"Line {line}: ")
+    assert http.get("/v1/files", headers=auth).json()["data"] == []
+    assert not list(Path(settings.storage_url).glob("files/*"))  # nothing of it was kept
+
+
+def test_brackets_inside_strings_are_not_nesting(http, auth) -> None:
+    line = chat_line("a")
+    line["body"]["messages"][0]["content"] = "[" * 100 + "{" * 100
+    assert upload(http, auth, jsonl([line])).status_code == 200
