@@ -128,20 +128,20 @@ def _insert_results(session: Session, *, batch_id: str, shard_id: int, attempt: 
             completion_tokens=Shard.completion_tokens + sum(row.completion_tokens for row in inserted)))
 
 
-def record_result(*, session: Session, batch_id: str, shard_id: int, attempt: int, worker_id: str,
-                  result: ResultRow) -> bool:
-    """Stores one result if this attempt still holds the shard; False (nothing written) otherwise.
+def record_results(*, session: Session, batch_id: str, shard_id: int, attempt: int, worker_id: str,
+                   results: list[ResultRow]) -> bool:
+    """Stores results if this attempt still holds the shard; False (nothing written) otherwise.
 
-    The fence is an UPDATE of the shard row in the same transaction: it row-locks the shard (the whole
-    database on SQLite) until commit, so no claim can slip between the check and the insert. A result
-    already stored for (batch, custom_id) is kept: ON CONFLICT DO NOTHING.
+    One transaction however many: the fence is an UPDATE of the shard row, which row-locks it (the
+    whole database on SQLite) until commit, so no claim can slip between the check and the insert. A
+    result already stored for (batch, custom_id) is kept: ON CONFLICT DO NOTHING.
     """
     now = _now()
     fence = session.execute(update(Shard).where(_fenced(shard_id, attempt)).values(updated_at=now))
     if fence.rowcount != 1:
         return False
     _insert_results(session, batch_id=batch_id, shard_id=shard_id, attempt=attempt, worker_id=worker_id,
-                    results=[result], now=now)
+                    results=results, now=now)
     return True
 
 

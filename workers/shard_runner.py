@@ -31,7 +31,7 @@ from db.leases import (
     done_custom_ids,
     finish_shard,
     mark_suspect,
-    record_result,
+    record_results,
     release_shard,
     renew_lease,
 )
@@ -181,42 +181,46 @@ class _ResultWriter:
         self.on_progress = on_progress
         self.written = 0
 
-    def _store(self, row: ResultRow) -> None:
-        if self.heartbeat.lease_lost.is_set() or row.custom_id not in self.job.pending:
+    def store(self, rows: list[ResultRow]) -> None:
+        """Stores rows (those still pending) in one fenced transaction; a lost fence stops the shard."""
+        rows = [row for row in rows if row.custom_id in self.job.pending]
+        if self.heartbeat.lease_lost.is_set() or not rows:
             return
         try:
             with session_scope(self.url) as session:
-                stored = record_result(session=session, batch_id=self.job.batch_id, shard_id=self.job.shard_id,
-                                       attempt=self.job.attempt, worker_id=self.worker_id, result=row)
+                stored = record_results(session=session, batch_id=self.job.batch_id, shard_id=self.job.shard_id,
+                                        attempt=self.job.attempt, worker_id=self.worker_id, results=rows)
         except Exception as exc:
-            raise ResultWriteError(f"could not store the result of {row.custom_id!r}: {exc}") from exc
+            raise ResultWriteError(f"could not store the results of {[r.custom_id for r in rows][:3]}...: "
+                                   f"{exc}") from exc
         if not stored:
             self.heartbeat.lease_lost.set()
             return
-        del self.job.pending[row.custom_id]
-        self.written += 1
-        if self.on_progress:
-            self.on_progress(row.prompt_tokens, row.completion_tokens)
+        for row in rows:
+            del self.job.pending[row.custom_id]
+            self.written += 1
+            if self.on_progress:
+                self.on_progress(row.prompt_tokens, row.completion_tokens)
 
-    def success(self, result: GenerationResult) -> None:
+    def result_row(self, result: GenerationResult) -> ResultRow | None:
+        """The row of a finished request (its error line if the runtime refused it); None if not ours."""
         item = self.job.pending.get(result.request_id)
         if item is None:
-            return
+            return None
         if result.error is not None:  # the runtime refused this one request
-            self.failure(item, _as_request_error(result.error))
-            return
+            return self.failure_row(item, _as_request_error(result.error))
         body = response_body(endpoint=self.job.endpoint, body=item.body, batch_id=self.job.batch_id,
                              custom_id=item.custom_id, result=result, lm=self.lm)
         line = output_line(batch_id=self.job.batch_id, custom_id=item.custom_id, status_code=200, body=body)
-        self._store(ResultRow(custom_id=item.custom_id, line_number=item.line, outcome=RequestOutcome.SUCCEEDED,
-                              output_line=line, prompt_tokens=result.prompt_tokens,
-                              completion_tokens=result.completion_tokens))
+        return ResultRow(custom_id=item.custom_id, line_number=item.line, outcome=RequestOutcome.SUCCEEDED,
+                         output_line=line, prompt_tokens=result.prompt_tokens,
+                         completion_tokens=result.completion_tokens)
 
-    def failure(self, item: InputLine, error: RequestError) -> None:
+    def failure_row(self, item: InputLine, error: RequestError) -> ResultRow:
         line = request_error_line(batch_id=self.job.batch_id, custom_id=item.custom_id, error=error,
                                   attempt=self.job.attempt, worker_id=self.worker_id)
-        self._store(ResultRow(custom_id=item.custom_id, line_number=item.line, outcome=RequestOutcome.FAILED,
-                              output_line=line))
+        return ResultRow(custom_id=item.custom_id, line_number=item.line, outcome=RequestOutcome.FAILED,
+                         output_line=line)
 
 
 def _as_request_error(error: RequestFailure) -> RequestError:
@@ -307,16 +311,18 @@ def _generate(*, settings: Settings, job: _ShardJob, worker_id: str, model_loade
     writer = _ResultWriter(settings=settings, job=job, worker_id=worker_id, lm=lm, heartbeat=heartbeat,
                            on_progress=on_progress)
     requests: list[GenerationRequest] = []
+    refused: list[ResultRow] = []
     for item in list(job.pending.values()):
         if item.custom_id == job.suspect:  # it killed a worker while running alone: never again
-            writer.failure(item, _quarantined(job))
+            refused.append(writer.failure_row(item, _quarantined(job)))
             continue
         try:
             requests.append(build_request(endpoint=job.endpoint, body=item.body, batch_id=job.batch_id,
                                           custom_id=item.custom_id, lm=lm,
                                           default_max_tokens=settings.default_max_tokens))
         except RequestError as error:
-            writer.failure(item, error)
+            refused.append(writer.failure_row(item, error))
+    writer.store(refused)
     if job.isolate:
         _run_one_at_a_time(lm, requests, writer, heartbeat, url=settings.resolved_database_url(), job=job)
     else:
@@ -379,7 +385,8 @@ def _run_model(lm: ServedModel, requests: list[GenerationRequest], writer: _Resu
         while not handle.done:
             if heartbeat.should_stop():
                 return
-            for result in handle.results(timeout=min(0.5, heartbeat.interval)):
-                writer.success(result)
+            # What finished together is stored together: one transaction per engine step, not per request.
+            rows = [writer.result_row(result) for result in handle.results(timeout=min(0.5, heartbeat.interval))]
+            writer.store([row for row in rows if row is not None])
     finally:
         handle.abort()

@@ -10,7 +10,7 @@ from db.leases import (
     ResultRow,
     claim_shard,
     finish_shard,
-    record_result,
+    record_results,
     renew_lease,
     requeue_expired_leases,
 )
@@ -62,17 +62,17 @@ def test_zombie_is_fenced_out(settings, make_batch):
     _expire_lease(settings, shard_id)
     assert _claim(settings, shard_id, "w2") == 2
     with session_scope(settings.database_url) as session:
-        assert not record_result(session=session, batch_id=made.batch_id, shard_id=shard_id, attempt=1,
-                                 worker_id="zombie", result=_row("r0"))
+        assert not record_results(session=session, batch_id=made.batch_id, shard_id=shard_id, attempt=1,
+                                 worker_id="zombie", results=[_row("r0")])
         assert not renew_lease(session=session, shard_id=shard_id, attempt=1, lease_seconds=5)
         assert not finish_shard(session=session, shard_id=shard_id, attempt=1, status=ShardStatus.DONE)
     assert _result_count(settings, made.batch_id) == 0
     with session_scope(settings.database_url) as session:
-        assert record_result(session=session, batch_id=made.batch_id, shard_id=shard_id, attempt=2,
-                             worker_id="w2", result=_row("r0"))
+        assert record_results(session=session, batch_id=made.batch_id, shard_id=shard_id, attempt=2,
+                             worker_id="w2", results=[_row("r0")])
         # A second write of the same custom_id (a duplicate run) keeps the first.
-        assert record_result(session=session, batch_id=made.batch_id, shard_id=shard_id, attempt=2,
-                             worker_id="w2", result=_row("r0"))
+        assert record_results(session=session, batch_id=made.batch_id, shard_id=shard_id, attempt=2,
+                             worker_id="w2", results=[_row("r0")])
         assert renew_lease(session=session, shard_id=shard_id, attempt=2, lease_seconds=5)
     assert _result_count(settings, made.batch_id) == 1
     shard = _shard(settings, shard_id)
@@ -120,8 +120,8 @@ def test_reaper_requeues_expired_lease(settings, make_batch, monkeypatch):
     assert (shard.status, shard.attempt, shard.lease_owner) == (ShardStatus.QUEUED, 1, None)
     # The old worker is fenced out even before anyone re-claims.
     with session_scope(settings.database_url) as session:
-        assert not record_result(session=session, batch_id=made.batch_id, shard_id=shard_id, attempt=1,
-                                 worker_id="w1", result=_row())
+        assert not record_results(session=session, batch_id=made.batch_id, shard_id=shard_id, attempt=1,
+                                 worker_id="w1", results=[_row()])
     assert _claim(settings, shard_id) == 2
 
 

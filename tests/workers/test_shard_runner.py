@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import func, select, update
 
 from db.batches import request_cancel
-from db.leases import ResultRow, claim_shard, record_result
+from db.leases import ResultRow, claim_shard, record_results
 from db.models import Batch, BatchStatus, File, RequestOutcome, RequestResult, Shard, ShardStatus
 from db.session import session_scope
 from storage import store_from_settings
@@ -77,10 +77,10 @@ def test_resume_skips_stored_results(settings, make_batch, fake_model):
         attempt = claim_shard(session=session, shard_id=shard_id, worker_id="dead", lease_seconds=5, max_attempts=3)
     for custom_id in ("r0", "r2"):
         with session_scope(settings.database_url) as session:
-            record_result(session=session, batch_id=made.batch_id, shard_id=shard_id, attempt=attempt,
-                          worker_id="dead", result=ResultRow(custom_id=custom_id, line_number=1,
-                                                             outcome=RequestOutcome.SUCCEEDED,
-                                                             output_line={"custom_id": custom_id, "old": True}))
+            record_results(session=session, batch_id=made.batch_id, shard_id=shard_id, attempt=attempt,
+                          worker_id="dead", results=[ResultRow(custom_id=custom_id, line_number=1,
+                                                               outcome=RequestOutcome.SUCCEEDED,
+                                                               output_line={"custom_id": custom_id, "old": True})])
     with session_scope(settings.database_url) as session:
         session.execute(update(Shard).where(Shard.id == shard_id).values(lease_expires_at=time.time() - 1))
     outcome = _run(settings, shard_id, fake_model, worker="w2")
@@ -221,7 +221,7 @@ def test_database_failure_releases_the_shard_without_blaming_requests(settings, 
     def down(**_kwargs):
         raise OperationalError("INSERT", {}, Exception("connection refused"))
 
-    monkeypatch.setattr("workers.shard_runner.record_result", down)
+    monkeypatch.setattr("workers.shard_runner.record_results", down)
     outcome = _run(settings, made.shard_ids[0], fake_model)
     assert outcome.status == "released" and "could not store" in outcome.error
     assert fake_model.submits == 1  # no resubmission hunting a poison request
