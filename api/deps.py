@@ -13,12 +13,14 @@ from genq.settings import Settings
 from storage import Store
 
 
-def get_app_settings(request: Request) -> Settings:
+# The dependencies without I/O are async: FastAPI runs a sync one on a thread-pool hop, which costs
+# more than the dependency itself on every request.
+async def get_app_settings(request: Request) -> Settings:
     """The Settings the app was built with."""
     return request.app.state.settings
 
 
-def get_store(request: Request) -> Store:
+async def get_store(request: Request) -> Store:
     """The app's Store (one per app: its S3 client is reused)."""
     return request.app.state.store
 

@@ -13,6 +13,7 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from api import batches, files, health, limits, models
+from api.auth import KeyCache
 from api.errors import install_error_handlers
 from api.input_guard import InputGuard
 from api.limits import RateLimiter
@@ -69,6 +70,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.store = store_from_settings(settings)
     app.state.rate_limiter = RateLimiter(settings)
+    app.state.key_cache = KeyCache()
     install_error_handlers(app)
     app.add_middleware(InputGuard)
     for module in (files, batches, models, limits, health):

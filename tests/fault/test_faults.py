@@ -16,7 +16,7 @@ import pytest
 from sqlalchemy import select
 
 from db.models import File, RequestResult, Shard, ShardStatus
-from db.session import session_scope
+from db.session import get_engine, session_scope
 from genq.settings import Settings
 from tests.e2e.conftest import TINY
 from tests.fault.harness import Deployment, wait_for
@@ -240,6 +240,7 @@ def test_postgres_restarted_mid_job(deploy, kind) -> None:
     d.postgres.stop()
     time.sleep(5)
     d.postgres.start()
+    get_engine(d.database_url).dispose()  # this test process's own connections died with the server
     assert kind.wait(d, job) == "completed"
     assert kind.check_promises(d, job) == {"succeeded": REQUESTS, "failed": 0}
 
