@@ -2,8 +2,8 @@
 
 401 invalid_api_key for a missing, unknown or revoked key; 429 past the key's requests per minute.
 Every response of an authenticated route carries OpenAI's x-ratelimit-*-requests headers. A key's
-lookup is kept for KEY_CACHE_SECONDS per API process (a status poll is then two queries, not
-three), so a revoked key stops working within that time.
+lookup is kept for settings.api_key_cache_seconds per API process (a status poll is then two
+queries, not three), so a revoked key stops working within that time.
 """
 
 from __future__ import annotations
@@ -20,24 +20,26 @@ from api.errors import Authentication
 from db.tenants import hash_secret, live_key
 
 bearer = HTTPBearer(auto_error=False, description="An API key created with `genq keys create`")
-KEY_CACHE_SECONDS = 5.0
 
 
 class KeyCache:
     """secret hash -> ((tenant id, key id), when it was looked up); only live keys are kept."""
 
-    def __init__(self) -> None:
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
         self._entries: dict[str, tuple[tuple[str, str], float]] = {}
         self._lock = threading.Lock()
 
     def get(self, digest: str) -> tuple[str, str] | None:
         with self._lock:
             entry = self._entries.get(digest)
-        if entry is None or time.monotonic() - entry[1] > KEY_CACHE_SECONDS:
+        if entry is None or time.monotonic() - entry[1] > self.seconds:
             return None
         return entry[0]
 
     def put(self, digest: str, key: tuple[str, str]) -> None:
+        if self.seconds <= 0:
+            return
         with self._lock:
             if len(self._entries) > 10_000:  # many distinct keys: start over rather than grow without bound
                 self._entries.clear()

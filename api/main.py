@@ -70,7 +70,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.store = store_from_settings(settings)
     app.state.rate_limiter = RateLimiter(settings)
-    app.state.key_cache = KeyCache()
+    app.state.key_cache = KeyCache(settings.api_key_cache_seconds)
     install_error_handlers(app)
     app.add_middleware(InputGuard)
     for module in (files, batches, models, limits, health):

@@ -63,6 +63,8 @@ class Settings(BaseSettings):
     # API process shares the count. Per tenant: requests and tokens (the most they may generate) in
     # queued and running shards; a batch that would pass either cap is refused with a 429.
     rate_limit_requests_per_minute: int = 3000
+    # An API process reuses a key's lookup this long: a revoked key is refused within it (0: at once).
+    api_key_cache_seconds: float = 5.0
     max_queued_requests_per_tenant: int = 1_000_000
     max_queued_tokens_per_tenant: int = 1_000_000_000
     # max_tokens when a request names none: this, capped by what the context leaves after the prompt.

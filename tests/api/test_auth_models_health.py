@@ -25,9 +25,8 @@ def test_missing_or_wrong_key_is_401(http, header: str | None) -> None:
         assert set(response.json()["error"]) == {"message", "type", "param", "code"}
 
 
-def test_revoked_key_is_401_once_the_key_cache_forgets_it(client: openai.OpenAI, session, api_key,
-                                                            monkeypatch) -> None:
-    monkeypatch.setattr("api.auth.KEY_CACHE_SECONDS", 0.3)
+def test_revoked_key_is_401_once_the_key_cache_forgets_it(client: openai.OpenAI, app, session, api_key) -> None:
+    app.state.key_cache.seconds = 0.3
     client.files.list()
     assert revoke_api_key(session=session, key=api_key[:16]) == 1
     session.commit()

@@ -7,6 +7,7 @@ under test is the commands, not the text. The fault-injection suite is tests/fau
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -81,4 +82,5 @@ def test_cli_clients_against_the_api(cli_stack, tmp_path):
     assert listed.returncode == 0 and batch_id in listed.stdout
     key_id = created.stderr.split()[1]
     assert cli("keys", "revoke", key_id).returncode == 0
+    time.sleep(5.5)  # the API's key cache (GENQ_API_KEY_CACHE_SECONDS) forgets it
     assert cli("status", batch_id, "--no-watch", env=env).returncode != 0
