@@ -102,6 +102,8 @@ class Batch(Base):
     error_file_id: Mapped[str | None] = mapped_column(String(64))
     errors: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # OpenAI {"object": "list", "data": [...]}
     usage: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # set once by the finalizer
+    # Finalizations that raised; at max_attempts the batch is failed with the error, never left finalizing.
+    finalize_failures: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     created_at: Mapped[int] = mapped_column(BigInteger)
     in_progress_at: Mapped[int | None] = mapped_column(BigInteger)
     expires_at: Mapped[int | None] = mapped_column(BigInteger)

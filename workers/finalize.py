@@ -62,7 +62,7 @@ def maybe_finalize(settings: Settings, batch_id: str) -> bool:
             .values(status=BatchStatus.FINALIZING, finalizing_at=int(_now()))
         ).rowcount == 1
     if claimed:
-        finalize_batch(settings, batch_id)
+        _finalize_or_give_up(settings, batch_id)
     return claimed
 
 
@@ -76,8 +76,30 @@ def refinalize_stale(settings: Settings, batch_id: str, older_than_seconds: floa
             .values(finalizing_at=now)
         ).rowcount == 1
     if claimed:
-        finalize_batch(settings, batch_id)
+        _finalize_or_give_up(settings, batch_id)
     return claimed
+
+
+def _finalize_or_give_up(settings: Settings, batch_id: str) -> None:
+    """finalize_batch; when it raises, counts the failure, and at max_attempts fails the batch with the
+    error (result rows stay readable through /partial), so no batch waits in finalizing forever."""
+    try:
+        finalize_batch(settings, batch_id)
+        return
+    except Exception as exc:
+        log.exception("finalizing batch %s failed", batch_id)
+        error = f"{type(exc).__name__}: {exc}"[:500]
+    with session_scope(settings.resolved_database_url()) as session:
+        failures = session.execute(
+            update(Batch).where(Batch.id == batch_id, Batch.status == BatchStatus.FINALIZING)
+            .values(finalize_failures=Batch.finalize_failures + 1).returning(Batch.finalize_failures)).scalar()
+        if failures is not None and failures >= settings.max_attempts:
+            session.execute(update(Batch).where(Batch.id == batch_id, Batch.status == BatchStatus.FINALIZING).values(
+                status=BatchStatus.FAILED, failed_at=int(_now()), errors={"object": "list", "data": [{
+                    "code": "finalize_failed", "line": None, "param": None,
+                    "message": f"writing the output files failed {failures} times; the last error: {error}. "
+                               "Finished lines stay readable at GET /v1/batches/{id}/partial."}]}))
+            log.error("batch %s failed: its finalization failed %d times", batch_id, failures)
 
 
 def _missing_code(batch: Batch, shard: Shard) -> tuple[str, str]:

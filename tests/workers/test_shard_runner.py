@@ -290,3 +290,22 @@ def test_request_that_kills_its_worker_is_quarantined_and_the_rest_finish(settin
     [quarantined] = _file_lines(settings, batch.error_file_id)
     assert quarantined["custom_id"] == "r1"
     assert quarantined["response"]["body"]["error"]["code"] == "request_quarantined"
+
+
+def test_a_batch_that_cannot_be_finalized_fails_with_the_reason(settings, make_batch, fake_model):
+    from workers.finalize import refinalize_stale
+
+    made = make_batch([chat_line(f"r{i}", f"hello {i}") for i in range(2)])
+    shard_id = made.shard_ids[0]
+    with session_scope(settings.database_url) as session:
+        key = session.get(Shard, shard_id).input_key
+    store_from_settings(settings).delete(key)  # its input is gone: no attempt, nor the finalizer, can read it
+    statuses = [_run(settings, shard_id, fake_model).status for _ in range(settings.max_attempts)]
+    assert statuses == ["released", "released", "failed"]
+    assert _batch(settings, made.batch_id).status == BatchStatus.FINALIZING  # its first finalization failed
+    for _ in range(settings.max_attempts - 1):
+        assert refinalize_stale(settings, made.batch_id, older_than_seconds=-1)
+    batch = _batch(settings, made.batch_id)
+    assert (batch.status, batch.finalize_failures) == (BatchStatus.FAILED, settings.max_attempts)
+    assert batch.errors["data"][0]["code"] == "finalize_failed" and key in batch.errors["data"][0]["message"]
+    assert not refinalize_stale(settings, made.batch_id, older_than_seconds=-1)  # never again

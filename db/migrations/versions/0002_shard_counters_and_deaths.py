@@ -1,6 +1,6 @@
 """shards count their stored results (succeeded, failed, tokens; filled in from request_results),
 their workers' deaths, the request running alone when one died (suspect), and the tokens their
-requests may generate (requested_tokens; 0 for shards made before)
+requests may generate (requested_tokens; 0 for shards made before); batches count failed finalizations
 
 Revision ID: 0002
 Revises: 0001
@@ -30,12 +30,16 @@ def upgrade() -> None:
         batch.add_column(sa.Column("deaths", sa.Integer(), nullable=False, server_default="0"))
         batch.add_column(sa.Column("requested_tokens", sa.BigInteger(), nullable=False, server_default="0"))
         batch.add_column(sa.Column("suspect", sa.String(length=512), nullable=True))
+    with op.batch_alter_table("batches") as batch:
+        batch.add_column(sa.Column("finalize_failures", sa.Integer(), nullable=False, server_default="0"))
     for name, (aggregate, where, _) in COUNTERS.items():  # existing batches keep their progress
         op.execute(f"UPDATE shards SET {name} = (SELECT {aggregate} FROM request_results "
                    f"WHERE request_results.shard_id = shards.id AND {where})")
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("batches") as batch:
+        batch.drop_column("finalize_failures")
     with op.batch_alter_table("shards") as batch:
         for name in (*COUNTERS, "deaths", "suspect", "requested_tokens"):
             batch.drop_column(name)
