@@ -1,7 +1,8 @@
 """Bearer API key -> tenant id, counted against the key's rate limit.
 
 401 invalid_api_key for a missing, unknown or revoked key; 429 past the key's requests per minute.
-Every response of an authenticated route carries OpenAI's x-ratelimit-*-requests headers. A key's
+Responses of authenticated routes carry OpenAI's x-ratelimit-*-requests headers (not error
+responses, nor the streamed file content and partial results). A key's
 lookup is kept for settings.api_key_cache_seconds per API process (a status poll is then two
 queries, not three), so a revoked key stops working within that time.
 """

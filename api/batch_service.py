@@ -10,14 +10,14 @@ import hashlib
 import json
 import re
 import tempfile
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from typing import IO, Any, BinaryIO
 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from api.batch_input import validate_and_shard
-from api.errors import Conflict, InvalidRequest, RateLimited, no_such
+from api.errors import Conflict, InvalidRequest, no_such
 from api.limits import check_queue_caps
 from db.batches import (
     FINAL_STATUSES,
@@ -109,16 +109,11 @@ def create_batch(*, session: Session, store: Store, settings: Settings, tenant_i
     batch_id = new_batch_id()
     plan = validate_and_shard(store=store, settings=settings, input_key=file.storage_key, endpoint=endpoint,
                               batch_id=batch_id)
-    try:
-        check_queue_caps(session=session, settings=settings, tenant_id=tenant_id, requests=plan.total,
-                         tokens=plan.requested_tokens)
-    except RateLimited:
-        for shard in plan.shards:
-            store.delete(shard.input_key)
-        raise
     # With an idempotency key, a concurrent twin may insert first: a savepoint lets us return its batch.
     guard = session.begin_nested() if idempotency_key else nullcontext()
     try:
+        check_queue_caps(session=session, settings=settings, tenant_id=tenant_id, requests=plan.total,
+                         tokens=plan.requested_tokens)
         with guard:
             batch = add_batch(session=session, batch_id=batch_id, tenant_id=tenant_id, input_file_id=input_file_id,
                               endpoint=endpoint, completion_window=window, model=",".join(plan.models),
@@ -128,9 +123,12 @@ def create_batch(*, session: Session, store: Store, settings: Settings, tenant_i
             shards = add_shards(session=session, batch_id=batch_id, shards=[
                 NewShard(index=s.index, model=s.model, queue=queue_for_model(s.model), input_key=s.input_key,
                          request_count=s.request_count, requested_tokens=s.requested_tokens) for s in plan.shards])
-    except IntegrityError:
-        for shard in plan.shards:  # no row will ever name them: the twin's batch is the one that stands
-            store.delete(shard.input_key)
+    except BaseException as exc:  # a cap, a twin, the database: no row will ever name these shards
+        for shard in plan.shards:
+            with suppress(Exception):
+                store.delete(shard.input_key)
+        if not isinstance(exc, IntegrityError):
+            raise
         existing = _replay(session=session, tenant_id=tenant_id, key=idempotency_key or "", fingerprint=fingerprint)
         if existing is None:
             raise

@@ -3,8 +3,8 @@
 Checked before any route runs, so a route added later is covered too:
 - the path and every query key and value: UTF-8, no control character (a NUL in an id reached
   PostgreSQL, which cannot hold one, and came back as a 500);
-- a JSON body (application/json): at most MAX_JSON_BODY_BYTES, and no NUL, lone surrogate escape or
-  nesting beyond genq.json_guard's depth anywhere in it.
+- a JSON body (application/json, */*+json, or no Content-Type): at most MAX_JSON_BODY_BYTES, and
+  no NUL, lone surrogate escape or nesting beyond genq.json_guard's depth anywhere in it.
 Uploads (multipart) are streamed and checked by api/uploads.py instead.
 """
 
@@ -61,10 +61,12 @@ def _url_error(scope: Scope) -> ApiError | None:
 
 
 def _is_json(scope: Scope) -> bool:
+    """Whether FastAPI would read the body as JSON: no Content-Type, application/json or */*+json."""
     for name, value in scope.get("headers", ()):
         if name == b"content-type":
-            return value.split(b";")[0].strip().lower() == b"application/json"
-    return False
+            kind = value.split(b";")[0].strip().lower()
+            return kind == b"application/json" or kind.endswith(b"+json")
+    return scope.get("method") in ("POST", "PUT", "PATCH")
 
 
 async def _read_json_body(receive: Receive) -> tuple[bytes, ApiError | None]:

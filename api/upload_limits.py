@@ -14,7 +14,9 @@ import re
 
 from api.errors import InvalidRequest
 
-_TOKENS = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]')  # a JSON string (skipped whole) or a bracket
+# A JSON string, skipped whole (to its closing quote, or to the end of an unterminated one, possessively:
+# linear whatever the line), or a bracket.
+_TOKENS = re.compile(rb'"(?:[^"\\]++|\\.)*+"?|[\[\]{}]')
 
 
 def nesting_depth(line: bytes) -> int:

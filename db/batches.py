@@ -103,7 +103,9 @@ def list_batches(*, session: Session, tenant_id: str, after: str | None = None,
 
 
 def queued_work(*, session: Session, tenant_id: str) -> tuple[int, int]:
-    """(requests not yet answered, tokens they may generate) in the tenant's queued and running shards."""
+    """(requests not yet answered, tokens they may generate) in the tenant's queued and running shards.
+
+    A running shard counts its whole token budget until it finishes (an over-count, never an under-count)."""
     requests, tokens = session.execute(
         select(func.coalesce(func.sum(Shard.request_count - Shard.succeeded - Shard.failed), 0),
                func.coalesce(func.sum(Shard.requested_tokens), 0))
@@ -119,12 +121,12 @@ def list_shards(*, session: Session, batch_id: str) -> list[Shard]:
 
 
 def request_counts(*, session: Session, batch: Batch) -> RequestCounts:
-    """The batch's progress from SQL rows: results by outcome, and unanswered requests by shard status."""
+    """The batch's progress from its shards' counters: results by outcome, unanswered requests by shard status."""
     return batch_progress(session=session, batches=[batch])[batch.id][0]
 
 
 def usage_totals(*, session: Session, batch: Batch) -> dict[str, Any]:
-    """OpenAI batch usage: batch.usage once final, else the sum over the result rows so far."""
+    """OpenAI batch usage: batch.usage once final, else the sum of its shards' token counters so far."""
     return batch_progress(session=session, batches=[batch])[batch.id][1]
 
 

@@ -12,6 +12,8 @@ import time
 from dataclasses import replace
 from typing import Any, Protocol
 
+from jinja2 import TemplateError
+
 from workers.request_contract import CHAT_ENDPOINT, COMPLETIONS_ENDPOINT, RequestError, parse_body
 from workers.runtime.types import GenerationRequest, GenerationResult
 
@@ -49,13 +51,17 @@ def build_request(*, endpoint: str, body: Any, batch_id: str, custom_id: str, lm
     max_completion_tokens) defaults to min(default_max_tokens, what the context leaves after the
     prompt); an explicit value that does not fit is context_length_exceeded, as OpenAI does.
     """
-    parsed = parse_body(endpoint, body)
-    if parsed.messages is not None:
-        prompt = list(lm.render_chat(parsed.messages))
-    elif isinstance(parsed.prompt, str):
-        prompt = list(lm.encode(parsed.prompt))
-    else:
-        prompt = list(parsed.prompt or [])
+    parsed = parse_body(endpoint, body, strict=False)
+    try:
+        if parsed.messages is not None:
+            prompt = list(lm.render_chat(parsed.messages))
+        elif isinstance(parsed.prompt, str):
+            prompt = list(lm.encode(parsed.prompt))
+        else:
+            prompt = list(parsed.prompt or [])
+    except (TemplateError, ValueError, TypeError, LookupError) as exc:  # this request's, not the shard's
+        raise RequestError(f"the model's chat template cannot render this request: {exc}", "invalid_value",
+                           "messages" if parsed.messages is not None else "prompt") from exc
     context = int(lm.context_length)
     room = context - len(prompt)
     if room < 1 or (parsed.max_tokens is not None and parsed.max_tokens > room):

@@ -21,6 +21,7 @@ import time
 from typing import Any
 
 from sqlalchemy import and_, func, select, update
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from db.batches import usage_body
@@ -28,7 +29,7 @@ from db.leases import ResultRow, batch_has_active_shards, cancel_queued_shards, 
 from db.models import Batch, BatchStatus, File, RequestOutcome, RequestResult, Shard, ShardStatus
 from db.session import insert_ignoring_conflicts, session_scope
 from genq.settings import Settings
-from storage import Store, store_from_settings
+from storage import StorageError, StorageKeyNotFound, Store, store_from_settings
 from storage.keys import batch_result_key
 from workers.chat import batch_error_line, stable_id
 from workers.shard_files import read_shard_lines
@@ -87,8 +88,11 @@ def _finalize_or_give_up(settings: Settings, batch_id: str) -> None:
         finalize_batch(settings, batch_id)
         return
     except Exception as exc:
-        log.exception("finalizing batch %s failed", batch_id)
-        error = f"{type(exc).__name__}: {exc}"[:500]
+        outage = isinstance(exc, OperationalError | StorageError) and not isinstance(exc, StorageKeyNotFound)
+        log.exception("finalizing batch %s failed%s", batch_id, "; a dependency is down" if outage else "")
+        if outage:  # not this batch's fault: the reaper tries again, uncounted
+            return
+        error = type(exc).__name__  # the tenant reads batch.errors: no SQL, keys or paths from the message
     with session_scope(settings.resolved_database_url()) as session:
         failures = session.execute(
             update(Batch).where(Batch.id == batch_id, Batch.status == BatchStatus.FINALIZING)
@@ -97,8 +101,9 @@ def _finalize_or_give_up(settings: Settings, batch_id: str) -> None:
             session.execute(update(Batch).where(Batch.id == batch_id, Batch.status == BatchStatus.FINALIZING).values(
                 status=BatchStatus.FAILED, failed_at=int(_now()), errors={"object": "list", "data": [{
                     "code": "finalize_failed", "line": None, "param": None,
-                    "message": f"writing the output files failed {failures} times; the last error: {error}. "
-                               "Finished lines stay readable at GET /v1/batches/{id}/partial."}]}))
+                    "message": f"writing the output files failed {failures} times ({error}; the deployment's "
+                               f"logs hold the details). Finished lines stay readable at "
+                               f"GET /v1/batches/{batch_id}/partial."}]}))
             log.error("batch %s failed: its finalization failed %d times", batch_id, failures)
 
 

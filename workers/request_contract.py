@@ -84,7 +84,7 @@ class _Message(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")  # name, refusal, tool_call_id: harmless
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Any = None
+    content: Any = Field(default=None, validate_default=True)  # absent or null: empty text
 
     @field_validator("content")
     @classmethod
@@ -198,14 +198,19 @@ class _CompletionBody(_Sampling):
 _BODIES: dict[str, type[_Sampling]] = {CHAT_ENDPOINT: _ChatBody, COMPLETIONS_ENDPOINT: _CompletionBody}
 
 
-def parse_body(endpoint: str, body: Any) -> ParsedRequest:
-    """The typed request of one body; RequestError naming the first bad parameter otherwise."""
+def parse_body(endpoint: str, body: Any, *, strict: bool = True) -> ParsedRequest:
+    """The typed request of one body; RequestError naming the first bad parameter otherwise.
+
+    strict=False (the worker) drops unknown parameters instead of refusing them: a shard stored by an
+    older API, which ignored some fields, must still run after an upgrade."""
     schema = _BODIES.get(endpoint)
     if schema is None:
         raise RequestError(f"endpoint {endpoint} is not supported (one of {', '.join(ENDPOINTS)})", "invalid_url",
                            "url")
     if not isinstance(body, dict):
         raise RequestError("body must be a JSON object", "invalid_type", "body")
+    if not strict:
+        body = {name: value for name, value in body.items() if name in schema.model_fields}
     try:
         parsed = schema.model_validate(body)
     except ValidationError as exc:

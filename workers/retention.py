@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 from sqlalchemy import delete, func, select
 
-from db.models import Batch, BatchStatus, File
+from db.batches import FINAL_STATUSES
+from db.models import Batch, File
 from db.session import session_scope
 from genq.settings import Settings
 from storage import StorageError, Store, store_from_settings
@@ -25,7 +26,6 @@ from storage.keys import batch_prefix
 from workers.finalize import output_file_id
 
 log = logging.getLogger(__name__)
-FINISHED = (BatchStatus.COMPLETED, BatchStatus.FAILED, BatchStatus.EXPIRED, BatchStatus.CANCELLED)
 PASS_LIMIT = 200  # rows per pass: a large backlog is worked off over several passes
 
 
@@ -52,13 +52,21 @@ def collect(settings: Settings, now: float | None = None) -> Collected:
         finished_at = func.coalesce(Batch.completed_at, Batch.failed_at, Batch.expired_at, Batch.cancelled_at)
         cutoff = now - settings.batch_retention_seconds
         with session_scope(url) as session:
-            batches = list(session.scalars(select(Batch.id).where(Batch.status.in_(FINISHED), finished_at < cutoff)
-                                           .limit(PASS_LIMIT)))
+            candidates = list(session.scalars(select(Batch.id).where(
+                Batch.status.in_(FINAL_STATUSES), finished_at < cutoff).limit(PASS_LIMIT)))
+        objects = {}
+        for batch_id in candidates:  # listed while rows still name them: a failed listing is retried next pass
+            try:
+                objects[batch_id] = list(store.list_keys(batch_prefix(batch_id)))
+            except StorageError as exc:
+                log.warning("retention: cannot list batch %s's objects, next pass: %s", batch_id, exc)
+        batches = list(objects)
+        with session_scope(url) as session:
             results = [output_file_id(batch_id, kind) for batch_id in batches for kind in ("output", "errors")]
             session.execute(delete(File).where(File.id.in_(results)))
             session.execute(delete(Batch).where(Batch.id.in_(batches)))
         for batch_id in batches:
-            _delete(store, list(store.list_keys(batch_prefix(batch_id))), f"batch {batch_id}")
+            _delete(store, objects[batch_id], f"batch {batch_id}")
     return Collected(files=[file_id for file_id, _ in expired], batches=batches)
 
 

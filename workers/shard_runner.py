@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
 from tenacity import Retrying, retry_if_exception, stop_after_delay, stop_any, wait_exponential
 
 from db.leases import (
@@ -187,9 +188,13 @@ class _ResultWriter:
         if self.heartbeat.lease_lost.is_set() or not rows:
             return
         try:
-            with session_scope(self.url) as session:
-                stored = record_results(session=session, batch_id=self.job.batch_id, shard_id=self.job.shard_id,
-                                        attempt=self.job.attempt, worker_id=self.worker_id, results=rows)
+            stored = self._record(rows)
+        except OperationalError:  # a connection the database dropped (a restart): the pool is renewed, once more
+            try:
+                stored = self._record(rows)
+            except Exception as exc:
+                raise ResultWriteError(f"could not store the results of {[r.custom_id for r in rows][:3]}...: "
+                                       f"{exc}") from exc
         except Exception as exc:
             raise ResultWriteError(f"could not store the results of {[r.custom_id for r in rows][:3]}...: "
                                    f"{exc}") from exc
@@ -201,6 +206,11 @@ class _ResultWriter:
             self.written += 1
             if self.on_progress:
                 self.on_progress(row.prompt_tokens, row.completion_tokens)
+
+    def _record(self, rows: list[ResultRow]) -> bool:
+        with session_scope(self.url) as session:
+            return record_results(session=session, batch_id=self.job.batch_id, shard_id=self.job.shard_id,
+                                  attempt=self.job.attempt, worker_id=self.worker_id, results=rows)
 
     def result_row(self, result: GenerationResult) -> ResultRow | None:
         """The row of a finished request (its error line if the runtime refused it); None if not ours."""

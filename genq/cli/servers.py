@@ -213,4 +213,5 @@ def keys_revoke(key: Annotated[str, typer.Argument(help="Key id or prefix.")]) -
     if not revoked:
         console.print(f"[red]no live key matches {key!r}[/]")
         raise typer.Exit(EXIT_SYSTEM_FAILURE)
-    console.print(f"revoked {revoked} key(s); API processes refuse it within 5 s (their key cache)")
+    console.print(f"revoked {revoked} key(s); API processes refuse it within "
+                  f"{get_settings().api_key_cache_seconds:g} s (their key cache)")
