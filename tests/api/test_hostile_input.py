@@ -137,3 +137,22 @@ def test_brackets_inside_strings_are_not_nesting(http, auth) -> None:
     line = chat_line("a")
     line["body"]["messages"][0]["content"] = "[" * 100 + "{" * 100
     assert upload(http, auth, jsonl([line])).status_code == 200
+
+
+@pytest.mark.parametrize("content_type", [None, "application/merge-patch+json"])
+def test_json_bodies_without_the_json_content_type_are_guarded_too(http, auth, content_type) -> None:
+    body = b'{"input_file_id": "file-\\u0000", "endpoint": "/v1/chat/completions", "completion_window": "24h"}'
+    headers = auth | ({"Content-Type": content_type} if content_type else {})
+    response = http.post("/v1/batches", headers=headers, content=body)
+    assert response.status_code < 500 and response.status_code != 200, response.text
+
+
+def test_nesting_scan_is_linear_on_an_unterminated_string() -> None:
+    import time as clock
+
+    from api.upload_limits import nesting_depth
+
+    line = b"[" * 40 + b'"' + b'\\"' * 200_000  # quadratic for a backtracking string pattern
+    began = clock.perf_counter()
+    assert nesting_depth(line) == 40
+    assert clock.perf_counter() - began < 1.0

@@ -97,3 +97,9 @@ def test_lines_have_openai_shapes():
     assert error["genq"] == {"attempt": 2, "worker_id": "host:1"}
     expired = batch_error_line(batch_id="b", custom_id="req-1", code="batch_expired", message="late")
     assert expired["response"] is None and expired["error"] == {"code": "batch_expired", "message": "late"}
+
+
+def test_a_message_without_content_is_empty_text_and_old_shards_keep_running():
+    request = build({"model": "m", "messages": [{"role": "system"}, {"role": "user", "content": "hi"}],
+                     "logit_bias": {"1": 5}})  # a field an older API stored; the worker drops it
+    assert bytes(request.prompt_token_ids).decode() == "<system>\n<user>hi\n<assistant>"
