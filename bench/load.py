@@ -48,15 +48,6 @@ def start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
                             start_new_session=True)
 
 
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, 15)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, 9)
-
-
 def lines_for(batch: int, count: int) -> bytes:
     return b"".join(json.dumps({
         "custom_id": f"b{batch}-r{i}", "method": "POST", "url": "/v1/chat/completions",
@@ -169,7 +160,7 @@ def run_bare_celery(broker: str, root: Path, env: dict[str, str], count: int) ->
             result.get(timeout=300)
         wall = time.perf_counter() - began
     finally:
-        stop(worker)
+        services.stop(worker)
     return {"rtt_p50_ms": percentile(rtt, 0.5), "rtt_p99_ms": percentile(rtt, 0.99),
             "tasks_per_s": count / wall, "ms_per_task": wall * 1000 / count}
 
@@ -219,12 +210,12 @@ def main() -> None:
             time.sleep(0.5)
         time.sleep(8)  # the worker loads its model
         pipeline = run_pipeline(base_url, args)
-        stop(worker)  # before the bare Celery run: it gets the machine genq had
-        stop(api)
+        services.stop(worker)  # before the bare Celery run: it gets the machine genq had
+        services.stop(api)
         bare = run_bare_celery(broker, root, env, args.batches * args.requests)
     finally:
-        stop(worker)
-        stop(api)
+        services.stop(worker)
+        services.stop(api)
         services.drop_database(database)
 
     print(f"\n{args.batches} batches x {args.requests} requests (max_tokens 1, tiny model), {args.pollers} pollers "
