@@ -44,6 +44,13 @@ class RateState:
                 "x-ratelimit-reset-requests": f"{self.reset_seconds}s"}
 
 
+def _window() -> tuple[int, int]:
+    """(the current window's number, whole seconds until it ends)."""
+    now = time.time()
+    window = int(now // WINDOW_SECONDS)
+    return window, int((window + 1) * WINDOW_SECONDS - now) + 1
+
+
 class RateLimiter:
     """Counts each key's requests in the current window (Redis if broker_url, else memory)."""
 
@@ -56,9 +63,7 @@ class RateLimiter:
 
     def hit(self, key_id: str) -> RateState:
         """Counts one request of key_id; raises RateLimited past the limit."""
-        now = time.time()
-        window = int(now // WINDOW_SECONDS)
-        reset = int((window + 1) * WINDOW_SECONDS - now) + 1
+        window, reset = _window()
         if self.limit <= 0:
             return RateState(0, 0, reset)
         used = self._count(key_id, window)
@@ -71,9 +76,7 @@ class RateLimiter:
 
     def peek(self, key_id: str) -> RateState:
         """The key's state without counting a request."""
-        now = time.time()
-        window = int(now // WINDOW_SECONDS)
-        reset = int((window + 1) * WINDOW_SECONDS - now) + 1
+        window, reset = _window()
         if self.redis is not None:
             try:
                 used = int(self.redis.get(self._redis_key(key_id, window)) or 0)

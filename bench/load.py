@@ -198,16 +198,8 @@ def main() -> None:
                     "WARNING"], {**env, "OMP_NUM_THREADS": str(args.worker_threads)}, root / "worker.log")
     try:
         base_url = f"http://127.0.0.1:{port}/v1"
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit(f"the API did not start; see {root / 'api.log'}")
-            time.sleep(0.5)
+        if not services.wait_healthy(port, 90, (api,)):
+            raise SystemExit(f"the API did not start; see {root / 'api.log'}")
         time.sleep(8)  # the worker loads its model
         pipeline = run_pipeline(base_url, args)
         services.stop(worker)  # before the bare Celery run: it gets the machine genq had

@@ -75,6 +75,22 @@ def fresh_postgres_database() -> Iterator[str]:
         drop_database(url)
 
 
+def wait_healthy(port: int, timeout: float, processes: tuple[subprocess.Popen, ...] = ()) -> bool:
+    """Whether `genq api` on port answers /health within timeout seconds (False early if one of
+    processes exits)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and all(p.poll() is None for p in processes):
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    return False
+
+
 def redis_test_url() -> str:
     """A Redis database number (1-15) that this run flushes and owns."""
     db = 1 + os.getpid() % 15

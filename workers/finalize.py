@@ -184,11 +184,10 @@ def finalize_batch(settings: Settings, batch_id: str) -> None:
             _insert_file(session, id=file_id, tenant_id=batch.tenant_id, filename=f"{batch_id}_{kind}.jsonl",
                          purpose=OUTPUT_PURPOSE, bytes=size, created_at=created, expires_at=None, storage_key=key)
             files[kind] = file_id
-        succeeded, prompt_tokens, completion_tokens = session.execute(
-            select(func.count(RequestResult.id).filter(RequestResult.outcome == RequestOutcome.SUCCEEDED),
-                   func.coalesce(func.sum(RequestResult.prompt_tokens), 0),
-                   func.coalesce(func.sum(RequestResult.completion_tokens), 0))
-            .where(RequestResult.batch_id == batch_id)
+        succeeded, prompt_tokens, completion_tokens = session.execute(  # the shards' counters (db/leases.py)
+            select(func.coalesce(func.sum(Shard.succeeded), 0), func.coalesce(func.sum(Shard.prompt_tokens), 0),
+                   func.coalesce(func.sum(Shard.completion_tokens), 0))
+            .where(Shard.batch_id == batch_id)
         ).one()
         failed_shards = session.scalar(select(func.count(Shard.id)).where(
             Shard.batch_id == batch_id, Shard.status == ShardStatus.FAILED)) or 0

@@ -12,15 +12,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
 import pytest
 
-from tests.services import free_port, fresh_postgres_database
+from tests.services import free_port, fresh_postgres_database, wait_healthy
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = "smollm2-135m-instruct"
@@ -166,16 +164,8 @@ def stack(stack_postgres_url, redis_url, s3_server, tmp_path_factory) -> Iterato
         stack.processes.append(start(genq("api"), env, logs / "api.log"))
         stack.processes.append(start(genq("worker", "--models", MODEL, "-c", "1", "--loglevel", "INFO"), env,
                                      logs / "worker.log"))
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or any(p.poll() is not None for p in stack.processes):
-                raise RuntimeError(f"the genq stack did not start\n{stack.log_tail()}")
-            time.sleep(0.5)
+        if not wait_healthy(port, 60, tuple(stack.processes)):
+            raise RuntimeError(f"the genq stack did not start\n{stack.log_tail()}")
         yield stack
     finally:
         for process in stack.processes:

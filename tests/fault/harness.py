@@ -195,9 +195,6 @@ class Deployment(Stack):
         self.processes.append(process)
         return process
 
-    def worker_ready(self, name: str) -> bool:
-        return "ready." in (self.logs / f"worker-{name}.log").read_text(errors="replace")
-
     def kill_worker(self, name: str, sig: int = signal.SIGKILL) -> None:
         """Sends sig to the whole process group (parent, pool child and its reaper)."""
         os.killpg(self.workers[name].pid, sig)
