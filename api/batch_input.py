@@ -1,7 +1,7 @@
 """Validates a batch input file while streaming it from storage, then writes its per-model shards.
 
 Every line is checked (JSON, custom_id/method/url/body, endpoint, model, and the body by
-workers.request_contract, the rules the worker applies too) before anything is written to storage;
+workers.batches.request_contract, the rules the worker applies too) before anything is written to storage;
 errors carry OpenAI codes and the 1-based line number. Valid requests are grouped per model into
 shards of settings.shard_size lines, stored as JSONL {"line": n, "custom_id": ..., "body": {...}}
 at batches/{batch_id}/shards/{index:05d}.jsonl.
@@ -20,8 +20,8 @@ from genq.json_guard import MAX_JSON_DEPTH, has_control_character, json_problem
 from genq.settings import Settings
 from storage import Store
 from storage.keys import shard_key
+from workers.batches.request_contract import RequestError, parse_body
 from workers.registry import list_models
-from workers.request_contract import RequestError, parse_body
 
 MAX_REPORTED_ERRORS = 20  # errors listed in error.errors.data; the first is the headline
 MAX_CUSTOM_ID_CHARS = 512  # request_results.custom_id
@@ -82,23 +82,29 @@ class ValidatedInput:
 
 
 def validate_and_shard(*, store: Store, settings: Settings, input_key: str, endpoint: str,
-                       batch_id: str) -> ValidatedInput:
-    """Validates the file at input_key for endpoint and writes its shards; raises BatchInputInvalid first."""
+                       batch_id: str, context_lengths: dict[str, int] | None = None) -> ValidatedInput:
+    """Validates the file at input_key for endpoint and writes its shards; raises BatchInputInvalid first.
+
+    context_lengths: the models lines may name (the tenant's, fine-tuned ones included) -> their context;
+    default: the deployment's base models."""
     with tempfile.TemporaryDirectory(prefix="genq-shards-") as spool, store.open_stream(input_key) as stream:
         writer = _ShardSpool(Path(spool), settings.shard_size)
         try:
-            total = _validate_lines(stream, settings=settings, endpoint=endpoint, writer=writer)
+            total = _validate_lines(stream, settings=settings, endpoint=endpoint, writer=writer,
+                                    context_lengths=context_lengths)
             shards = writer.upload(store=store, batch_id=batch_id)
         finally:
             writer.close_all()
         return ValidatedInput(total=total, shards=shards)
 
 
-def _validate_lines(stream: BinaryIO, *, settings: Settings, endpoint: str, writer: _ShardSpool) -> int:
+def _validate_lines(stream: BinaryIO, *, settings: Settings, endpoint: str, writer: _ShardSpool,
+                    context_lengths: dict[str, int] | None = None) -> int:
     """Checks every line, spooling valid ones; returns the request count or raises BatchInputInvalid."""
     errors: list[LineError] = []
     seen_ids: set[str] = set()
-    context_lengths = {spec.id: spec.context_length for spec in list_models(settings)}  # read once, not per line
+    if context_lengths is None:  # read once, not per line
+        context_lengths = {spec.id: spec.context_length for spec in list_models(settings)}
     total = 0
     for number, raw in enumerate(iter(lambda: stream.readline(MAX_LINE_BYTES + 1), b""), start=1):
         if len(raw) > MAX_LINE_BYTES:  # one request this big is a mistake (a JSON array, a binary file)

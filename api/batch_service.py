@@ -34,8 +34,9 @@ from db.files import create_file, file_storage_key, get_file, new_file_id
 from db.models import Batch, File, Shard
 from genq.settings import Settings
 from storage import Store
+from workers.batches.request_contract import ENDPOINTS
 from workers.dispatch import queue_for_model
-from workers.request_contract import ENDPOINTS
+from workers.registry import models_for_tenant
 
 WINDOW_PATTERN = re.compile(r"^([1-9][0-9]{0,4})([hd])$")
 MAX_WINDOW_SECONDS = 365 * 86400
@@ -107,8 +108,10 @@ def create_batch(*, session: Session, store: Store, settings: Settings, tenant_i
         raise InvalidRequest(f"file {input_file_id!r} has purpose {file.purpose!r}; a batch input needs 'batch'",
                              param="input_file_id", code="invalid_file_purpose")
     batch_id = new_batch_id()
+    models = {spec.id: spec for spec in models_for_tenant(session, tenant_id, settings)}
     plan = validate_and_shard(store=store, settings=settings, input_key=file.storage_key, endpoint=endpoint,
-                              batch_id=batch_id)
+                              batch_id=batch_id,
+                              context_lengths={model_id: spec.context_length for model_id, spec in models.items()})
     # With an idempotency key, a concurrent twin may insert first: a savepoint lets us return its batch.
     guard = session.begin_nested() if idempotency_key else nullcontext()
     try:
@@ -121,7 +124,8 @@ def create_batch(*, session: Session, store: Store, settings: Settings, tenant_i
                               fingerprint=fingerprint, retried_from=retried_from,
                               expires_in_seconds=window_seconds)
             shards = add_shards(session=session, batch_id=batch_id, shards=[
-                NewShard(index=s.index, model=s.model, queue=queue_for_model(s.model), input_key=s.input_key,
+                NewShard(index=s.index, model=s.model, queue=queue_for_model(models[s.model].serving_model),
+                         input_key=s.input_key,
                          request_count=s.request_count, requested_tokens=s.requested_tokens) for s in plan.shards])
     except BaseException as exc:  # a cap, a twin, the database: no row will ever name these shards
         for shard in plan.shards:

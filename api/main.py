@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
-from api import batches, files, health, limits, models
+from api import batches, feedback, files, fine_tuning, health, limits, models
 from api.auth import KeyCache
 from api.errors import install_error_handlers
 from api.input_guard import InputGuard
@@ -73,7 +73,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.key_cache = KeyCache(settings.api_key_cache_seconds)
     install_error_handlers(app)
     app.add_middleware(InputGuard)
-    for module in (files, batches, models, limits, health):
+    for module in (files, batches, feedback, fine_tuning, models, limits, health):
         app.include_router(module.router)
     return app
 

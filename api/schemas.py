@@ -152,10 +152,18 @@ class ModelObject(BaseModel):
     created: int
     owned_by: str
     context_length: int  # genq extension
+    parent: str | None = None  # genq extension: a fine-tuned model's base
 
     @classmethod
     def from_spec(cls, spec: ModelSpec) -> ModelObject:
-        return cls(id=spec.id, created=spec.created, owned_by=spec.owned_by, context_length=spec.context_length)
+        return cls(id=spec.id, created=spec.created, owned_by=spec.owned_by, context_length=spec.context_length,
+                   parent=spec.base)
+
+
+class ModelDeleted(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    deleted: bool = True
 
 
 class ModelList(BaseModel):

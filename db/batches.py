@@ -7,11 +7,11 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import ColumnElement, and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from db.ids import sortable_id
-from db.models import Batch, BatchStatus, RequestOutcome, RequestResult, Shard, ShardStatus
+from db.models import Batch, BatchStatus, Job, JobKind, RequestOutcome, RequestResult, Shard, ShardStatus
 
 FINAL_STATUSES = (BatchStatus.COMPLETED, BatchStatus.FAILED, BatchStatus.EXPIRED, BatchStatus.CANCELLED)
 CANCELLABLE_STATUSES = (BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS)
@@ -54,6 +54,8 @@ def add_batch(*, session: Session, batch_id: str, tenant_id: str, input_file_id:
               retried_from: str | None = None) -> Batch:
     """Inserts a batch in `in_progress` (validation already passed) and returns it; the caller commits."""
     now = int(time.time())
+    session.add(Job(id=batch_id, tenant_id=tenant_id, kind=JobKind.BATCH, created_at=now))
+    session.flush()
     batch = Batch(id=batch_id, tenant_id=tenant_id, input_file_id=input_file_id, endpoint=endpoint,
                   completion_window=completion_window, status=BatchStatus.IN_PROGRESS, model=model[:1024],
                   metadata_=metadata, request_total=request_total, idempotency_key=idempotency_key,
@@ -67,12 +69,24 @@ def add_batch(*, session: Session, batch_id: str, tenant_id: str, input_file_id:
 def add_shards(*, session: Session, batch_id: str, shards: list[NewShard]) -> list[Shard]:
     """Inserts the batch's shards as `queued` and returns them with their ids; the caller commits."""
     now = time.time()
-    rows = [Shard(batch_id=batch_id, index=s.index, model=s.model, queue=s.queue, input_key=s.input_key,
+    rows = [Shard(job_id=batch_id, index=s.index, model=s.model, queue=s.queue, input_key=s.input_key,
                   request_count=s.request_count, requested_tokens=s.requested_tokens, status=ShardStatus.QUEUED,
                   attempt=0, created_at=now, updated_at=now) for s in shards]
     session.add_all(rows)
     session.flush()
     return rows
+
+
+def batch_runs() -> ColumnElement[bool]:
+    """claim_shard's condition for a batch's shard: its batch is in_progress and not expired."""
+    return select(Batch.id).where(Batch.id == Shard.job_id, Batch.status == BatchStatus.IN_PROGRESS,
+                                  Batch.expired_at.is_(None)).exists()
+
+
+def batch_should_stop(*, session: Session, batch_id: str) -> bool:
+    """Whether a running shard of this batch should stop: cancel requested, expired, or finished."""
+    row = session.execute(select(Batch.status, Batch.expired_at).where(Batch.id == batch_id)).first()
+    return row is None or row.status != BatchStatus.IN_PROGRESS or row.expired_at is not None
 
 
 def get_batch(*, session: Session, tenant_id: str, batch_id: str) -> Batch | None:
@@ -109,7 +123,7 @@ def queued_work(*, session: Session, tenant_id: str) -> tuple[int, int]:
     requests, tokens = session.execute(
         select(func.coalesce(func.sum(Shard.request_count - Shard.succeeded - Shard.failed), 0),
                func.coalesce(func.sum(Shard.requested_tokens), 0))
-        .join(Batch, Batch.id == Shard.batch_id)
+        .join(Batch, Batch.id == Shard.job_id)
         .where(Batch.tenant_id == tenant_id, Shard.status.in_((ShardStatus.QUEUED, ShardStatus.RUNNING)))
     ).one()
     return int(requests), int(tokens)
@@ -117,7 +131,7 @@ def queued_work(*, session: Session, tenant_id: str) -> tuple[int, int]:
 
 def list_shards(*, session: Session, batch_id: str) -> list[Shard]:
     """The batch's shards in index order."""
-    return list(session.scalars(select(Shard).where(Shard.batch_id == batch_id).order_by(Shard.index)))
+    return list(session.scalars(select(Shard).where(Shard.job_id == batch_id).order_by(Shard.index)))
 
 
 def request_counts(*, session: Session, batch: Batch) -> RequestCounts:
@@ -138,12 +152,12 @@ def batch_progress(*, session: Session, batches: list[Batch]) -> dict[str, tuple
         return {}
     rows: dict[str, list[Any]] = defaultdict(list)
     for row in session.execute(
-        select(Shard.batch_id, Shard.status, func.sum(Shard.request_count).label("requests"),
+        select(Shard.job_id, Shard.status, func.sum(Shard.request_count).label("requests"),
                func.sum(Shard.succeeded).label("succeeded"), func.sum(Shard.failed).label("failed"),
                func.sum(Shard.prompt_tokens).label("prompt"), func.sum(Shard.completion_tokens).label("completion"))
-        .where(Shard.batch_id.in_(ids)).group_by(Shard.batch_id, Shard.status)
+        .where(Shard.job_id.in_(ids)).group_by(Shard.job_id, Shard.status)
     ):
-        rows[row.batch_id].append(row)
+        rows[row.job_id].append(row)
     progress = {}
     for batch in batches:
         shards = rows[batch.id]

@@ -2,8 +2,9 @@
 
 Every worker write carries the attempt it claimed; a claim bumps the attempt, so a zombie whose lease
 expired (or whose shard was requeued) changes nothing. Nothing here knows what a shard computes:
-chat batches today, other job kinds later. Each function runs in the caller's session; the caller
-commits (session_scope), so one claim or one fenced write is one short transaction.
+chat batches and fine-tunes (each kind passes claim_shard its own "the job still runs" condition).
+Each function runs in the caller's session; the caller commits (session_scope), so one claim or one
+fenced write is one short transaction.
 """
 
 from __future__ import annotations
@@ -15,15 +16,16 @@ from typing import Any
 from sqlalchemy import ColumnElement, and_, case, exists, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from db.models import Batch, BatchStatus, RequestOutcome, RequestResult, Shard, ShardStatus
+from db.models import RequestOutcome, RequestResult, Shard, ShardStatus
 from db.session import insert_ignoring_conflicts
 
 ACTIVE_SHARD_STATUSES = (ShardStatus.QUEUED, ShardStatus.RUNNING)
 
 
-def batch_has_active_shards() -> ColumnElement[bool]:
-    """A condition on the Batch of the enclosing query: it still has a queued or running shard."""
-    return exists().where(Shard.batch_id == Batch.id, Shard.status.in_(ACTIVE_SHARD_STATUSES))
+def has_active_shards(job_id: ColumnElement[str]) -> ColumnElement[bool]:
+    """A condition on the enclosing query's job id column (Batch.id, FineTuningJob.id): the job still
+    has a queued or running shard."""
+    return exists().where(Shard.job_id == job_id, Shard.status.in_(ACTIVE_SHARD_STATUSES))
 
 
 def _now() -> float:
@@ -31,30 +33,29 @@ def _now() -> float:
 
 
 def claim_shard(*, session: Session, shard_id: int, worker_id: str, lease_seconds: float,
-                max_attempts: int) -> int | None:
+                max_attempts: int, job_runs: ColumnElement[bool]) -> int | None:
     """Leases the shard to worker_id and returns the new attempt (the fencing token), or None.
 
-    None means there is nothing to do: another worker holds a live lease, the shard is finished, its
-    batch no longer runs (then a queued shard is marked cancelled), or its attempts are exhausted (then
-    it is marked failed). The caller finalizes the batch in the last two cases.
+    job_runs is the shard's kind's condition on Shard (db/batches.batch_runs, db/fine_tuning.job_runs):
+    whether its job still wants work done. None means there is nothing to do: another worker holds a
+    live lease, the shard is finished, its job no longer runs (then a queued shard is marked cancelled),
+    or its attempts are exhausted (then it is marked failed). The caller finalizes the job in the last two.
     """
     now = _now()
-    batch_runs = select(Batch.id).where(Batch.id == Shard.batch_id, Batch.status == BatchStatus.IN_PROGRESS,
-                                        Batch.expired_at.is_(None)).exists()
     claimable = or_(Shard.status == ShardStatus.QUEUED,
                     and_(Shard.status == ShardStatus.RUNNING, Shard.lease_expires_at < now))
     # Claiming a running shard whose lease expired (before the reaper saw it) is a death too.
     died = case((Shard.status == ShardStatus.RUNNING, Shard.deaths + 1), else_=Shard.deaths)
     row = session.execute(
         update(Shard)
-        .where(Shard.id == shard_id, claimable, Shard.attempt < max_attempts, batch_runs)
+        .where(Shard.id == shard_id, claimable, Shard.attempt < max_attempts, job_runs)
         .values(status=ShardStatus.RUNNING, attempt=Shard.attempt + 1, lease_owner=worker_id,
                 lease_expires_at=now + lease_seconds, updated_at=now, deaths=died)
         .returning(Shard.attempt)
     ).first()
     if row is not None:
         return int(row[0])
-    # Not claimable: settle the shards that can never be claimed again, so the batch can finish.
+    # Not claimable: settle the shards that can never be claimed again, so the job can finish.
     session.execute(
         update(Shard)
         .where(Shard.id == shard_id, claimable, Shard.attempt >= max_attempts)
@@ -63,7 +64,7 @@ def claim_shard(*, session: Session, shard_id: int, worker_id: str, lease_second
     )
     session.execute(
         update(Shard)
-        .where(Shard.id == shard_id, claimable, ~batch_runs)
+        .where(Shard.id == shard_id, claimable, ~job_runs)
         .values(status=ShardStatus.CANCELLED, lease_owner=None, lease_expires_at=None, updated_at=now)
     )
     return None
@@ -83,15 +84,15 @@ def renew_lease(*, session: Session, shard_id: int, attempt: int, lease_seconds:
     return result.rowcount == 1
 
 
+def fence(*, session: Session, shard_id: int, attempt: int) -> bool:
+    """Row-locks the shard (the whole database on SQLite) until commit if this attempt still holds it; the
+    writes that follow in the same transaction are then fenced: no claim can slip in before they land."""
+    return session.execute(update(Shard).where(_fenced(shard_id, attempt)).values(updated_at=_now())).rowcount == 1
+
+
 def mark_suspect(*, session: Session, shard_id: int, attempt: int, custom_id: str) -> bool:
     """Names the request this attempt is about to run alone; False when the lease was lost."""
     return session.execute(update(Shard).where(_fenced(shard_id, attempt)).values(suspect=custom_id)).rowcount == 1
-
-
-def batch_should_stop(*, session: Session, batch_id: str) -> bool:
-    """Whether a running shard of this batch should stop: cancel requested, expired, or finished."""
-    row = session.execute(select(Batch.status, Batch.expired_at).where(Batch.id == batch_id)).first()
-    return row is None or row.status != BatchStatus.IN_PROGRESS or row.expired_at is not None
 
 
 @dataclass
@@ -136,12 +137,10 @@ def record_results(*, session: Session, batch_id: str, shard_id: int, attempt: i
     whole database on SQLite) until commit, so no claim can slip between the check and the insert. A
     result already stored for (batch, custom_id) is kept: ON CONFLICT DO NOTHING.
     """
-    now = _now()
-    fence = session.execute(update(Shard).where(_fenced(shard_id, attempt)).values(updated_at=now))
-    if fence.rowcount != 1:
+    if not fence(session=session, shard_id=shard_id, attempt=attempt):
         return False
     _insert_results(session, batch_id=batch_id, shard_id=shard_id, attempt=attempt, worker_id=worker_id,
-                    results=results, now=now)
+                    results=results, now=_now())
     return True
 
 
@@ -189,24 +188,24 @@ class Redispatch:
 
     shard_id: int
     queue: str
-    batch_id: str
+    job_id: str
 
 
 def requeue_expired_leases(*, session: Session, max_attempts: int, limit: int = 500) -> tuple[list[Redispatch],
                                                                                                list[str]]:
     """Expired running shards go back to queued, or to failed past max_attempts.
 
-    Returns (shards to send again, batch ids whose shards failed). Each transition is a conditional
+    Returns (shards to send again, job ids whose shards failed). Each transition is a conditional
     UPDATE, so concurrent reapers never both act on one shard.
     """
     now = _now()
     expired = session.execute(
-        select(Shard.id, Shard.queue, Shard.batch_id, Shard.attempt)
+        select(Shard.id, Shard.queue, Shard.job_id, Shard.attempt)
         .where(Shard.status == ShardStatus.RUNNING, Shard.lease_expires_at < now).limit(limit)
     ).all()
     redispatch: list[Redispatch] = []
-    failed_batches: list[str] = []
-    for shard_id, queue, batch_id, attempt in expired:
+    failed_jobs: list[str] = []
+    for shard_id, queue, job_id, attempt in expired:
         settled = Shard.id == shard_id, Shard.attempt == attempt, Shard.status == ShardStatus.RUNNING, \
             Shard.lease_expires_at < now
         if attempt >= max_attempts:
@@ -215,14 +214,14 @@ def requeue_expired_leases(*, session: Session, max_attempts: int, limit: int = 
                 deaths=Shard.deaths + 1, last_error=f"lease expired on attempt {attempt} of {max_attempts}: "
                                                     "worker lost"))
             if result.rowcount == 1:
-                failed_batches.append(batch_id)
+                failed_jobs.append(job_id)
         else:
             result = session.execute(update(Shard).where(*settled).values(
                 status=ShardStatus.QUEUED, lease_owner=None, lease_expires_at=None, updated_at=now,
                 deaths=Shard.deaths + 1, last_error=f"lease expired on attempt {attempt}: worker lost"))
             if result.rowcount == 1:
-                redispatch.append(Redispatch(shard_id, queue, batch_id))
-    return redispatch, failed_batches
+                redispatch.append(Redispatch(shard_id, queue, job_id))
+    return redispatch, failed_jobs
 
 
 def queued_shard_counts(*, session: Session, older_than_seconds: float) -> dict[str, tuple[int, int]]:
@@ -242,13 +241,13 @@ def stale_queued_shards(*, session: Session, older_than_seconds: float, allowanc
     messages the broker is missing)."""
     now = _now()
     rows = session.execute(
-        select(Shard.id, Shard.queue, Shard.batch_id, Shard.updated_at)
+        select(Shard.id, Shard.queue, Shard.job_id, Shard.updated_at)
         .where(Shard.status == ShardStatus.QUEUED, Shard.updated_at < now - older_than_seconds)
         .order_by(Shard.updated_at).limit(limit)
     ).all()
     left = dict(allowance) if allowance is not None else None
     out = []
-    for shard_id, queue, batch_id, updated_at in rows:
+    for shard_id, queue, job_id, updated_at in rows:
         if left is not None:
             if left.get(queue, 0) <= 0:
                 continue
@@ -257,23 +256,23 @@ def stale_queued_shards(*, session: Session, older_than_seconds: float, allowanc
             Shard.id == shard_id, Shard.status == ShardStatus.QUEUED, Shard.updated_at == updated_at,
         ).values(updated_at=now))
         if result.rowcount == 1:
-            out.append(Redispatch(shard_id, queue, batch_id))
+            out.append(Redispatch(shard_id, queue, job_id))
     return out
 
 
-def cancel_queued_shards(*, session: Session, batch_id: str) -> int:
-    """Queued shards of a batch that stopped running become cancelled; returns how many."""
+def cancel_queued_shards(*, session: Session, job_id: str) -> int:
+    """Queued shards of a job that stopped running become cancelled; returns how many."""
     result = session.execute(
-        update(Shard).where(Shard.batch_id == batch_id, Shard.status == ShardStatus.QUEUED)
+        update(Shard).where(Shard.job_id == job_id, Shard.status == ShardStatus.QUEUED)
         .values(status=ShardStatus.CANCELLED, updated_at=_now())
     )
     return result.rowcount
 
 
-def abandon_running_shards(*, session: Session, batch_id: str) -> int:
-    """Running shards of a batch whose only worker is gone (an interrupted `genq run`) become cancelled."""
+def abandon_running_shards(*, session: Session, job_id: str) -> int:
+    """Running shards of a job whose only worker is gone (an interrupted `genq run`) become cancelled."""
     result = session.execute(
-        update(Shard).where(Shard.batch_id == batch_id, Shard.status == ShardStatus.RUNNING)
+        update(Shard).where(Shard.job_id == job_id, Shard.status == ShardStatus.RUNNING)
         .values(status=ShardStatus.CANCELLED, lease_owner=None, lease_expires_at=None, updated_at=_now())
     )
     return result.rowcount

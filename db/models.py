@@ -49,6 +49,13 @@ class ShardStatus(enum.StrEnum):
     CANCELLED = "cancelled"
 
 
+class JobKind(enum.StrEnum):
+    """What a job computes; each kind has its own table, lifecycle (db/) and executor (workers/<kind>/)."""
+
+    BATCH = "batch"  # chat/completions requests: table batches, shards of request lines
+    FINE_TUNE = "fine_tune"  # LoRA SFT or DPO: table fine_tuning_jobs, one shard trained in segments
+
+
 class RequestOutcome(enum.StrEnum):
     SUCCEEDED = "succeeded"  # its line goes to the output file
     FAILED = "failed"  # its line goes to the error file
@@ -84,9 +91,24 @@ class File(Base):
     __table_args__ = (Index("ix_files_tenant_created", "tenant_id", "created_at"),)
 
 
+class Job(Base):
+    """The parent of every job kind: what the shared lease, heartbeat and reaper machinery needs to know.
+
+    Each kind specialises it in its own table with the same id (batches, fine_tuning_jobs) that holds its
+    OpenAI-visible status; work units (shards) reference the job, never a kind's table.
+    """
+
+    __tablename__ = "jobs"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    kind: Mapped[JobKind] = mapped_column(_enum(JobKind))
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    __table_args__ = (Index("ix_jobs_tenant_kind_created", "tenant_id", "kind", "created_at"),)
+
+
 class Batch(Base):
     __tablename__ = "batches"
-    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
     input_file_id: Mapped[str] = mapped_column(String(64))
     endpoint: Mapped[str] = mapped_column(String(64))
@@ -121,11 +143,12 @@ class Batch(Base):
 
 
 class Shard(Base):
-    """A slice of one batch for one model: one Celery task, leased and fenced by `attempt`."""
+    """A job's unit of work: one Celery task, leased and fenced by `attempt`. For a batch, a slice of its
+    lines for one model; for a fine-tune, the whole training run (resumed from its last checkpoint)."""
 
     __tablename__ = "shards"
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    batch_id: Mapped[str] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"), index=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     index: Mapped[int] = mapped_column(Integer)
     model: Mapped[str] = mapped_column(String(256))
     queue: Mapped[str] = mapped_column(String(300))
@@ -152,7 +175,7 @@ class Shard(Base):
     requested_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     suspect: Mapped[str | None] = mapped_column(String(512))
     __table_args__ = (
-        UniqueConstraint("batch_id", "index", name="uq_shards_batch_index"),
+        UniqueConstraint("job_id", "index", name="uq_shards_job_index"),
         Index("ix_shards_status_lease", "status", "lease_expires_at"),
     )
 
@@ -177,3 +200,74 @@ class RequestResult(Base):
         UniqueConstraint("batch_id", "custom_id", name="uq_results_batch_custom_id"),
         Index("ix_results_batch_outcome", "batch_id", "outcome"),
     )
+
+
+class FineTuneStatus(enum.StrEnum):
+    VALIDATING_FILES = "validating_files"  # the worker checks and prepares the files before training
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class FineTuningJob(Base):
+    """A LoRA fine-tune (OpenAI's fine_tuning.job): the fine_tune kind of jobs, trained by one shard."""
+
+    __tablename__ = "fine_tuning_jobs"
+    id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    model: Mapped[str] = mapped_column(String(256))  # the base model
+    training_file: Mapped[str] = mapped_column(String(64))
+    validation_file: Mapped[str | None] = mapped_column(String(64))
+    method: Mapped[dict[str, Any]] = mapped_column(JSON)  # {"type": "supervised"|"dpo", <type>: {"hyperparameters"}}
+    hyperparameters: Mapped[dict[str, Any]] = mapped_column(JSON)  # resolved ("auto" replaced) once prepared
+    suffix: Mapped[str | None] = mapped_column(String(64))
+    seed: Mapped[int] = mapped_column(BigInteger)
+    metadata_: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON)
+    status: Mapped[FineTuneStatus] = mapped_column(_enum(FineTuneStatus))
+    fine_tuned_model: Mapped[str | None] = mapped_column(String(256))
+    trained_tokens: Mapped[int | None] = mapped_column(BigInteger)
+    result_files: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # {"code", "message", "param"}
+    step: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # optimizer steps done
+    # The last segment's resumable training state in storage (adapter, optimizer, data position), written
+    # under the shard's lease: a resumed attempt continues from it.
+    resume_key: Mapped[str | None] = mapped_column(String(1024))
+    total_steps: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    started_at: Mapped[int | None] = mapped_column(BigInteger)
+    finished_at: Mapped[int | None] = mapped_column(BigInteger)
+    estimated_finish: Mapped[int | None] = mapped_column(BigInteger)
+    __table_args__ = (Index("ix_fine_tuning_jobs_tenant_created", "tenant_id", "created_at"),)
+
+
+class FineTuningEvent(Base):
+    """A fine-tune's event (preparation report, metrics, status changes); listed newest first."""
+
+    __tablename__ = "fine_tuning_events"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("fine_tuning_jobs.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    level: Mapped[str] = mapped_column(String(16))  # info | warn | error
+    type: Mapped[str] = mapped_column(String(16))  # message | metrics
+    message: Mapped[str] = mapped_column(Text)
+    data: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+
+
+class FineTunedModel(Base):
+    """A tenant's servable adapter: the final model of a fine-tune, or one of its epoch checkpoints.
+
+    id is the name a batch line gives ("ft:BASE:TENANT:SUFFIX:JOB", checkpoints + ":ckpt-step-N"); the
+    adapter (PEFT layout, safetensors + config) lives in storage under adapter_key.
+    """
+
+    __tablename__ = "fine_tuned_models"
+    id: Mapped[str] = mapped_column(String(256), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("fine_tuning_jobs.id", ondelete="CASCADE"), index=True)
+    base_model: Mapped[str] = mapped_column(String(256))
+    adapter_key: Mapped[str] = mapped_column(String(1024))  # storage prefix of the adapter files
+    checkpoint_step: Mapped[int | None] = mapped_column(Integer)  # None: the job's final model
+    metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # at this checkpoint (train/valid loss)
+    created_at: Mapped[int] = mapped_column(BigInteger)

@@ -47,6 +47,12 @@ class Settings(BaseSettings):
     # One attempt at a shard may run this long (then it is released like a crash: retried or failed).
     # Keep it below visibility_timeout_seconds, or Redis redelivers the message of a shard still running.
     shard_time_limit_seconds: float = 2 * 3600
+    # Fine-tunes train in segments of about this long, each ending with its state in storage: a killed
+    # worker loses at most one segment, a cancel waits at most one training step.
+    fine_tune_segment_seconds: float = 60
+    fine_tune_time_limit_seconds: float = 24 * 3600  # one attempt's limit (released past it, like a crash)
+    fine_tune_max_length: int = 2048  # tokens per training example (longer ones are truncated and counted)
+    fine_tune_early_stopping_patience: int | None = 2  # epochs without a lower validation loss; None: off
     # A worker waits this long for unreachable storage (keeping its lease) before counting a crash.
     storage_outage_seconds: float = 900
     reaper_interval_seconds: float = 30

@@ -6,18 +6,21 @@ custom_id or metadata never reaches a key or a path.
     files/{file_id}                              an uploaded or generated file's bytes
     batches/{batch_id}/shards/{index:05d}.jsonl  a shard's request lines
     batches/{batch_id}/{output|errors}.jsonl     a finished batch's result files
+    fine_tunes/{job_id}/state/step-{N:07d}.pt     a fine-tune's resumable training state (the latest kept)
+    fine_tunes/{job_id}/checkpoints/step-{N}/     an epoch checkpoint's adapter (PEFT layout; the last 3 kept)
+    fine_tunes/{job_id}/model/                   the final adapter
 """
 
 from __future__ import annotations
 
 import re
 
-_ID = re.compile(r"(file-|batch_)[0-9a-f]{8,64}")
+_ID = re.compile(r"(file-|batch_|ftjob-)[0-9a-f]{8,64}")
 
 
 def _own_id(value: str) -> str:
     if not _ID.fullmatch(value):
-        raise ValueError(f"{value!r} is not a genq file or batch id; storage keys are built from those only")
+        raise ValueError(f"{value!r} is not a genq file, batch or job id; storage keys are built from those only")
     return value
 
 
@@ -38,3 +41,19 @@ def batch_result_key(batch_id: str, kind: str) -> str:
     if kind not in ("output", "errors"):
         raise ValueError(f"unknown result file kind {kind!r}")
     return f"{batch_prefix(batch_id)}{kind}.jsonl"
+
+
+def fine_tune_prefix(job_id: str) -> str:
+    """The prefix of every object of a fine-tune (states, checkpoints, its final adapter)."""
+    return f"fine_tunes/{_own_id(job_id)}/"
+
+
+def training_state_key(job_id: str, step: int) -> str:
+    return f"{fine_tune_prefix(job_id)}state/step-{int(step):07d}.pt"
+
+
+def adapter_prefix(job_id: str, checkpoint_step: int | None = None) -> str:
+    """Where an adapter's files go: the final model's, or an epoch checkpoint's."""
+    if checkpoint_step is None:
+        return f"{fine_tune_prefix(job_id)}model/"
+    return f"{fine_tune_prefix(job_id)}checkpoints/step-{int(checkpoint_step)}/"

@@ -6,49 +6,32 @@ may run at once:
   1. running shards whose lease expired -> queued and re-sent (or failed past max_attempts);
   2. queued shards untouched for queued_redispatch_seconds -> re-sent, as many per queue as the
      broker is missing messages for (lost in a Redis flush or never published);
-  3. batches past expires_at -> marked expired (running shards stop at their next heartbeat);
-  4. batches in_progress/cancelling with no queued or running shard -> finalized;
-  5. batches stuck in finalizing for finalizing_stale_seconds -> finalized again;
-  6. expired files and finished batches past their retention -> deleted, rows and objects
+  3. each job kind's pass (KIND_PASSES). Batches (workers/batches/reap.py): past expires_at -> marked
+     expired (running shards stop at their next heartbeat); in_progress/cancelling with no queued or
+     running shard -> finalized; stuck in finalizing for finalizing_stale_seconds -> finalized again.
+     Fine-tunes (workers/fine_tuning/reap.py): a running or queued job whose shard failed -> failed;
+  4. expired files and finished batches past their retention -> deleted, rows and objects
      (workers/retention.py).
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
 
-from sqlalchemy import select, update
-
-from db.leases import (
-    Redispatch,
-    batch_has_active_shards,
-    cancel_queued_shards,
-    queued_shard_counts,
-    requeue_expired_leases,
-    stale_queued_shards,
-)
-from db.models import Batch, BatchStatus
+from db.leases import Redispatch, queued_shard_counts, requeue_expired_leases, stale_queued_shards
 from db.session import session_scope
 from genq.settings import Settings
+from workers.batches.reap import reap_batches
 from workers.dispatch import enqueue_shards, queue_depths
-from workers.finalize import maybe_finalize, refinalize_stale
+from workers.fine_tuning.reap import reap_fine_tunes
+from workers.reap_report import ReapReport
 from workers.retention import collect
 
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class ReapReport:
-    """What one reaper pass changed."""
-
-    redispatched: list[int] = field(default_factory=list)  # shard ids sent again
-    failed_shards: int = 0  # shards that ran out of attempts
-    expired_batches: list[str] = field(default_factory=list)
-    finalized_batches: list[str] = field(default_factory=list)
-    deleted_files: list[str] = field(default_factory=list)  # past expires_at
-    deleted_batches: list[str] = field(default_factory=list)  # finished longer than batch_retention_seconds
+# Each job kind's own pass (step 3): its expiries, cancellations and finalizations.
+KIND_PASSES: list[Callable[[Settings, ReapReport], None]] = [reap_batches, reap_fine_tunes]
 
 
 def reap(settings: Settings) -> ReapReport:
@@ -56,40 +39,15 @@ def reap(settings: Settings) -> ReapReport:
     url = settings.resolved_database_url()
     report = ReapReport()
     with session_scope(url) as session:
-        expired, failed_batches = requeue_expired_leases(session=session, max_attempts=settings.max_attempts)
-    report.failed_shards = len(failed_batches)
+        expired, failed_jobs = requeue_expired_leases(session=session, max_attempts=settings.max_attempts)
+    report.failed_shards = len(failed_jobs)
     # Sent first: _lost_messages compares the queued shards with the broker's queue depth, which must
     # already hold these shards' new messages, or as many intact ones would be sent a second time.
     _redispatch(settings, expired, report)
     _redispatch(settings, _lost_messages(settings), report)
 
-    now = int(time.time())
-    with session_scope(url) as session:
-        expiring = session.scalars(select(Batch.id).where(
-            Batch.status == BatchStatus.IN_PROGRESS, Batch.expires_at.is_not(None), Batch.expires_at < now,
-            Batch.expired_at.is_(None))).all()
-        for batch_id in expiring:
-            marked = session.execute(update(Batch).where(Batch.id == batch_id, Batch.expired_at.is_(None),
-                                                         Batch.status == BatchStatus.IN_PROGRESS)
-                                     .values(expired_at=now)).rowcount
-            if marked:
-                cancel_queued_shards(session=session, batch_id=batch_id)
-                report.expired_batches.append(batch_id)
-
-    with session_scope(url) as session:
-        active = batch_has_active_shards()
-        idle = session.scalars(select(Batch.id).where(
-            Batch.status.in_([BatchStatus.IN_PROGRESS, BatchStatus.CANCELLING]),
-            (~active) | (Batch.status == BatchStatus.CANCELLING) | Batch.expired_at.is_not(None))).all()
-        stale = session.scalars(select(Batch.id).where(
-            Batch.status == BatchStatus.FINALIZING,
-            Batch.finalizing_at < now - settings.finalizing_stale_seconds)).all()
-    for batch_id in idle:
-        if maybe_finalize(settings, batch_id):
-            report.finalized_batches.append(batch_id)
-    for batch_id in stale:
-        if refinalize_stale(settings, batch_id, settings.finalizing_stale_seconds):
-            report.finalized_batches.append(batch_id)
+    for reap_kind in KIND_PASSES:
+        reap_kind(settings, report)
     collected = collect(settings)
     report.deleted_files, report.deleted_batches = collected.files, collected.batches
     return report

@@ -4,6 +4,8 @@ A source is "bundled:<file>" (a GGUF shipped in a Python package), a local path 
 directory with config.json + *.safetensors), or an "s3://bucket/prefix" copied to a local cache.
 Extra models come from the JSON file named by GENQ_MODELS_FILE:
     {"my-model": {"source": "/models/smollm2-360m", "context_length": 8192}}
+Fine-tuned models (LoRA adapters on one of those bases) live in SQL, per tenant (db/fine_tuning.py);
+`models_for_tenant` lists both kinds for one tenant.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
+
+from sqlalchemy.orm import Session
 
 from genq.settings import Settings, get_settings
 
@@ -23,10 +27,16 @@ class ModelSpec:
     """A servable model: its id, where its weights are, and how long a sequence may be."""
 
     id: str
-    source: str
+    source: str  # base models: where the weights are; fine-tuned: "adapter:<storage prefix>"
     context_length: int
     owned_by: str = "genq"
     created: int = 1_738_368_000  # fixed, so /v1/models is stable
+    base: str | None = None  # fine-tuned models: the base model id the adapter applies to
+
+    @property
+    def serving_model(self) -> str:
+        """The model whose workers run this one (and whose queue its shards go to)."""
+        return self.base or self.id
 
 
 class UnknownModelError(KeyError):
@@ -53,6 +63,24 @@ def list_models(settings: Settings | None = None) -> list[ModelSpec]:
             models.append(ModelSpec(id=model_id, source=entry["source"],
                                     context_length=int(entry.get("context_length", 4096))))
     return models
+
+
+def is_fine_tuned(model_id: str) -> bool:
+    """Whether the id names a fine-tuned model (OpenAI's "ft:" scheme), which lives in SQL, not here."""
+    return model_id.startswith("ft:")
+
+
+def models_for_tenant(session: Session, tenant_id: str, settings: Settings | None = None, *,
+                      checkpoints: bool = True) -> list[ModelSpec]:
+    """The base models, then the tenant's fine-tuned models (and their checkpoints, unless told not to)."""
+    from db.fine_tuning import tenant_models
+
+    bases = list_models(settings)
+    context = {spec.id: spec.context_length for spec in bases}
+    tuned = [ModelSpec(id=row.id, source=f"adapter:{row.adapter_key}", context_length=context.get(row.base_model, 0),
+                       owned_by=row.tenant_id, created=row.created_at, base=row.base_model)
+             for row in tenant_models(session=session, tenant_id=tenant_id, checkpoints=checkpoints)]
+    return bases + [spec for spec in tuned if spec.context_length]
 
 
 def get_model(model_id: str, settings: Settings | None = None) -> ModelSpec:

@@ -18,12 +18,12 @@ from dataclasses import dataclass
 from sqlalchemy import delete, func, select
 
 from db.batches import FINAL_STATUSES
-from db.models import Batch, File
+from db.models import Batch, File, Job
 from db.session import session_scope
 from genq.settings import Settings
 from storage import StorageError, Store, store_from_settings
 from storage.keys import batch_prefix
-from workers.finalize import output_file_id
+from workers.batches.finalize import output_file_id
 
 log = logging.getLogger(__name__)
 PASS_LIMIT = 200  # rows per pass: a large backlog is worked off over several passes
@@ -64,7 +64,7 @@ def collect(settings: Settings, now: float | None = None) -> Collected:
         with session_scope(url) as session:
             results = [output_file_id(batch_id, kind) for batch_id in batches for kind in ("output", "errors")]
             session.execute(delete(File).where(File.id.in_(results)))
-            session.execute(delete(Batch).where(Batch.id.in_(batches)))
+            session.execute(delete(Job).where(Job.id.in_(batches)))  # cascades to the batch, shards, results
         for batch_id in batches:
             _delete(store, objects[batch_id], f"batch {batch_id}")
     return Collected(files=[file_id for file_id, _ in expired], batches=batches)

@@ -12,13 +12,16 @@ import os
 import socket
 
 from celery.signals import worker_process_init
+from sqlalchemy import select
 
-from db.session import get_engine
-from genq.settings import get_settings
+from db.models import Job, JobKind, Shard
+from db.session import get_engine, session_scope
+from genq.settings import Settings, get_settings
+from workers.batches.shard_runner import default_model_loader, run_shard
 from workers.celery_app import REAP_TASK, RUN_SHARD_TASK, app
 from workers.dispatch import enqueue_shards
 from workers.reaper import reap
-from workers.shard_runner import ShardRun, default_model_loader, run_shard
+from workers.shard_outcome import ShardOutcome, ShardRun
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +48,29 @@ def _init_child(**_: object) -> None:
     preload_models()
 
 
+def job_kind(settings: Settings, shard_id: int) -> JobKind | None:
+    """The kind of the job the shard belongs to (None: the shard is gone, its job deleted)."""
+    with session_scope(settings.resolved_database_url()) as session:
+        return session.scalar(select(Job.kind).join(Shard, Shard.job_id == Job.id).where(Shard.id == shard_id))
+
+
+def run_any_shard(settings: Settings, shard_id: int, worker: str) -> ShardOutcome:
+    """Runs the shard with its job kind's executor."""
+    kind = job_kind(settings, shard_id)
+    if kind == JobKind.FINE_TUNE:
+        from workers.fine_tuning.job_runner import run_fine_tune_shard  # torch: only when a fine-tune arrives
+
+        return run_fine_tune_shard(settings=settings, shard_id=shard_id, worker_id=worker)
+    if kind == JobKind.BATCH:
+        return run_shard(settings=settings, shard_id=shard_id, worker_id=worker)
+    return ShardOutcome(shard_id=shard_id, status=ShardRun.NOT_CLAIMED)
+
+
 @app.task(name=RUN_SHARD_TASK, ignore_result=True)
 def run_shard_task(shard_id: int) -> str:
     """Runs shard shard_id; a crashed attempt with attempts left is sent again right away."""
     settings = get_settings()
-    outcome = run_shard(settings=settings, shard_id=int(shard_id), worker_id=worker_id())
+    outcome = run_any_shard(settings, int(shard_id), worker_id())
     log.info("shard %s: %s (attempt %s, %s written, %s skipped)", shard_id, outcome.status, outcome.attempt,
              outcome.written, outcome.skipped)
     if outcome.status == ShardRun.RELEASED and outcome.queue:

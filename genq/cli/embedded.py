@@ -54,7 +54,7 @@ def _copy_input(src: Path, store: Any, key: str, model: str | None) -> tuple[int
 def _served_with_engines(models: list[str]) -> list[Any]:
     """The loaded models with an engine in this process (none for a runtime without one, or a model that
     does not load: run_shard reports that per shard)."""
-    from workers.shard_runner import default_model_loader
+    from workers.batches.shard_runner import default_model_loader
 
     served = []
     for model_id in models:
@@ -95,8 +95,8 @@ def run(
     from db.session import session_scope
     from db.tenants import create_tenant, get_tenant
     from storage import store_from_settings
-    from workers.finalize import maybe_finalize
-    from workers.shard_runner import ShardRun, run_shard
+    from workers.batches.finalize import maybe_finalize
+    from workers.batches.shard_runner import ShardRun, run_shard
 
     base = get_settings()
     home = (home or base.home).expanduser()
@@ -171,7 +171,7 @@ def run(
                 # back once the lease expires, and the attempt cap bounds the retries.
                 with session_scope(url) as session:
                     unfinished = list(session.scalars(select(Shard.id).where(
-                        Shard.batch_id == batch_id, Shard.status.in_((ShardStatus.QUEUED, ShardStatus.RUNNING)))
+                        Shard.job_id == batch_id, Shard.status.in_((ShardStatus.QUEUED, ShardStatus.RUNNING)))
                         .order_by(Shard.index)))
                 if not unfinished:
                     break
@@ -187,7 +187,7 @@ def run(
             request_cancel(session=session, tenant_id=tenant_id, batch_id=batch_id)
         pool.shutdown(wait=True, cancel_futures=True)  # running shards stop within a results poll
         with session_scope(url) as session:
-            abandon_running_shards(session=session, batch_id=batch_id)  # this process held them
+            abandon_running_shards(session=session, job_id=batch_id)  # this process held them
         maybe_finalize(settings, batch_id)
     finally:
         stop_ticker.set()

@@ -61,6 +61,13 @@ def jsonl(lines: list) -> bytes:
     return b"".join((x if isinstance(x, bytes) else json.dumps(x).encode()) + b"\n" for x in lines)
 
 
+def sft_lines(count: int, sign_off: str = "Made to last.") -> list[dict]:
+    """count distinct chat examples in OpenAI's fine-tuning format."""
+    return [{"messages": [{"role": "user", "content": f"Describe product {i}."},
+                          {"role": "assistant", "content": f"Product {i} is sturdy. {sign_off}"}]}
+            for i in range(count)]
+
+
 def chat_line(custom_id: str, model: str | None = None, **body) -> dict:
     from workers.registry import BUNDLED_MODEL_ID
 

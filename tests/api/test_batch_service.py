@@ -99,11 +99,11 @@ def test_idempotency_race_returns_the_twin_and_removes_its_own_shards(session, s
 
 
 def test_validation_reads_the_model_list_once_per_file(session, store, settings, tenant, monkeypatch) -> None:
-    from api import batch_input
+    from workers import registry
 
     reads = []
-    real_list_models = batch_input.list_models
-    monkeypatch.setattr(batch_input, "list_models", lambda s: reads.append(s) or real_list_models(s))
+    real_list_models = registry.list_models
+    monkeypatch.setattr(registry, "list_models", lambda s: reads.append(s) or real_list_models(s))
     file_id = upload(session, store, tenant.id, [chat_line(f"r{i}", SECOND_MODEL) for i in range(5)])
     batch, _ = create_batch(session=session, store=store, settings=settings, tenant_id=tenant.id,
                             input_file_id=file_id, endpoint="/v1/chat/completions")

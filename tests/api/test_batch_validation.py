@@ -78,7 +78,7 @@ def test_bad_input_file(client: openai.OpenAI, case: str) -> None:
     assert client.batches.list().data == []  # nothing was created
 
 
-# Every body parameter with values the request contract refuses (workers/request_contract.py's table):
+# Every body parameter with values the request contract refuses (workers/batches/request_contract.py's table):
 # each must be a 400 at create that names line 2 and the parameter, never an error line hours later.
 INVALID_FIELDS = {
     "model": ["", 7, None],

@@ -25,7 +25,7 @@ def make_batch(client: openai.OpenAI, n: int = 5, **kwargs) -> openai.types.Batc
 
 def add_result(app, session, batch_id: str, custom_id: str, outcome: RequestOutcome, tokens=(3, 4)) -> None:
     """What a worker records for one request, in the shard whose stored lines hold custom_id."""
-    for shard in session.scalars(select(Shard).where(Shard.batch_id == batch_id)):
+    for shard in session.scalars(select(Shard).where(Shard.job_id == batch_id)):
         lines = [json.loads(x) for x in app.state.store.get_bytes(shard.input_key).splitlines()]
         line_number = next((x["line"] for x in lines if x["custom_id"] == custom_id), None)
         if line_number is not None:
@@ -52,7 +52,7 @@ def test_create_and_retrieve(client: openai.OpenAI, session) -> None:
     assert counts.model_extra == {"in_progress": 0, "queued": 5}
     assert batch.output_file_id is None and batch.errors is None
     assert client.batches.retrieve(batch.id).model_dump() == batch.model_dump()
-    shards = session.scalars(select(Shard).where(Shard.batch_id == batch.id).order_by(Shard.index)).all()
+    shards = session.scalars(select(Shard).where(Shard.job_id == batch.id).order_by(Shard.index)).all()
     assert [(s.model, s.request_count, s.queue) for s in shards] == [
         (BUNDLED_MODEL_ID, 2, f"genq.{BUNDLED_MODEL_ID}"), (SECOND_MODEL, 2, f"genq.{SECOND_MODEL}"),
         (BUNDLED_MODEL_ID, 1, f"genq.{BUNDLED_MODEL_ID}")]
@@ -109,7 +109,7 @@ def test_idempotency_key(client: openai.OpenAI) -> None:
 
 def test_live_request_counts_and_usage(client: openai.OpenAI, app, session) -> None:
     batch = make_batch(client, n=5)
-    first_shard = session.scalars(select(Shard).where(Shard.batch_id == batch.id, Shard.index == 0)).one()
+    first_shard = session.scalars(select(Shard).where(Shard.job_id == batch.id, Shard.index == 0)).one()
     first_shard.status = ShardStatus.RUNNING
     session.commit()
     add_result(app, session, batch.id, "r0", RequestOutcome.SUCCEEDED)  # shard 0 (running) holds r0 and r2
@@ -177,7 +177,7 @@ def test_create_enqueues_shards_when_a_broker_is_set(settings, session, api_key,
     try:
         batch = make_batch(client, n=5)  # shards: 2 for the bundled model, 1 for the second
         assert [broker.llen(q) for q in queues] == [2, 1]
-        shard_ids = {s.id for s in session.scalars(select(Shard).where(Shard.batch_id == batch.id))}
+        shard_ids = {s.id for s in session.scalars(select(Shard).where(Shard.job_id == batch.id))}
         sent = [json.loads(m) for q in queues for m in broker.lrange(q, 0, -1)]
         assert {m["headers"]["task"] for m in sent} == {"genq.run_shard"}
         assert {json.loads(base64.b64decode(m["body"]))[0][0] for m in sent} == shard_ids

@@ -17,8 +17,14 @@ from hypothesis import strategies as st
 
 from api.batch_input import BatchInputInvalid, _ShardSpool, _validate_lines
 from genq.settings import Settings
+from workers.batches.request_contract import (
+    CHAT_ENDPOINT,
+    COMPLETIONS_ENDPOINT,
+    ParsedRequest,
+    RequestError,
+    parse_body,
+)
 from workers.registry import BUNDLED_MODEL_ID
-from workers.request_contract import CHAT_ENDPOINT, COMPLETIONS_ENDPOINT, ParsedRequest, RequestError, parse_body
 
 SETTINGS = Settings(database_url="sqlite://", storage_url=tempfile.mkdtemp(), max_batch_requests=50)
 FILE_WIDE = {"empty_file"}

@@ -10,12 +10,15 @@ from __future__ import annotations
 import pytest
 
 from db.tenants import create_api_key, create_tenant
-from tests.api.conftest import chat_line, jsonl
+from tests.api.conftest import chat_line, jsonl, sft_lines
 
-OWNED = {"file_id": "file", "batch_id": "batch", "input_file_id": "file"}  # id name -> kind of object
-SHARED = {"model_id"}  # the deployment's models are every tenant's (fine-tuned ones will be owned)
+OWNED = {"file_id": "file", "batch_id": "batch", "input_file_id": "file", "job_id": "fine_tune",
+         "training_file": "tuning_file", "validation_file": "tuning_file"}  # id name -> kind of object
+# Base models are every tenant's; fine-tuned ones are owned (tests/api/test_fine_tuning.py checks those).
+SHARED = {"model_id"}
 PUBLIC = {("GET", "/health")}
-MISSING = {"file": "file-000000000000000000000000", "batch": "batch_000000000000000000000000"}
+MISSING = {"file": "file-000000000000000000000000", "batch": "batch_000000000000000000000000",
+           "fine_tune": "ftjob-000000000000000000000000", "tuning_file": "file-000000000000000000000001"}
 
 
 @pytest.fixture
@@ -29,7 +32,12 @@ def other(session, http):
                         data={"purpose": "batch"}).json()["id"]
     batch_id = http.post("/v1/batches", headers=auth, json={"input_file_id": file_id, "endpoint":
                          "/v1/chat/completions", "completion_window": "24h"}).json()["id"]
-    yield {"file": file_id, "batch": batch_id, "auth": auth}
+    tuning_file = http.post("/v1/files", headers=auth, files={"file": ("train.jsonl", jsonl(sft_lines(10)))},
+                            data={"purpose": "fine-tune"}).json()["id"]
+    job = http.post("/v1/fine_tuning/jobs", headers=auth, json={"model": "smollm2-135m-instruct",
+                                                                  "training_file": tuning_file})
+    assert job.status_code == 200, job.text
+    yield {"file": file_id, "batch": batch_id, "auth": auth, "tuning_file": tuning_file, "fine_tune": job.json()["id"]}
     session.delete(tenant)
     session.commit()
 
@@ -53,29 +61,31 @@ def _fill(path: str, operation: dict, ids: dict[str, str]) -> str | None:
     return path
 
 
-def _body(operation: dict, ids: dict[str, str]) -> dict | None:
-    """A JSON body naming ids in every *_id field of the schema, if the route takes JSON."""
+def _body(operation: dict, ids: dict[str, str], schemas: dict) -> dict | None:
+    """A JSON body naming ids in every *_id field the route's schema has, the other fields it needs set."""
     content = operation.get("requestBody", {}).get("content", {})
     if "application/json" not in content:
         return None
-    body = {"endpoint": "/v1/chat/completions", "completion_window": "24h"}
-    for name in OWNED:
-        body[name] = ids[OWNED[name]]
-    return body
+    fields = schemas[content["application/json"]["schema"]["$ref"].rsplit("/", 1)[-1]]["properties"]
+    body = {"endpoint": "/v1/chat/completions", "completion_window": "24h", "model": "smollm2-135m-instruct",
+            "ratings": [{"custom_id": "a", "rating": "good"}], "format": "dpo"}
+    body |= {name: ids[OWNED[name]] for name in OWNED}
+    return {name: value for name, value in body.items() if name in fields}
 
 
 def test_another_tenants_ids_are_404_on_every_route(app, http, api_key, other) -> None:
     auth = {"Authorization": f"Bearer {api_key}"}
     checked = 0
+    schemas = app.openapi()["components"]["schemas"]
     for method, template, operation in routes(app):
         path = _fill(template, operation, other)
-        body = _body(operation, other)
+        body = _body(operation, other, schemas)
         if path is None and body is None:
             continue
         path = path or template
         foreign = http.request(method, path, headers=auth, json=body)
         missing = http.request(method, _fill(template, operation, MISSING) or template, headers=auth,
-                               json=_body(operation, MISSING))
+                               json=_body(operation, MISSING, schemas))
         assert foreign.status_code == 404, f"{method} {path}: {foreign.status_code} {foreign.text[:200]}"
         error = foreign.json()["error"]
         assert error["type"] == "invalid_request_error" and error["code"] == missing.json()["error"]["code"]

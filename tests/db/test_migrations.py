@@ -32,7 +32,7 @@ def test_models_match_the_migrated_schema(empty_url) -> None:
     engine.dispose()
 
 
-def test_upgrade_fills_shard_counters_from_existing_results(empty_url) -> None:
+def test_upgrade_keeps_batches_as_jobs_and_fills_shard_counters(empty_url) -> None:
     command.upgrade(alembic_config(empty_url), "0001")
     engine = create_engine(normalize_url(empty_url))
     with engine.begin() as conn:  # a finished batch and a running one, as 0001 stored them
@@ -61,7 +61,12 @@ def test_upgrade_fills_shard_counters_from_existing_results(empty_url) -> None:
                                      "ORDER BY id")).all()
         batches = conn.execute(text("SELECT id, status, request_total FROM batches ORDER BY id")).all()
         kept = conn.execute(text("SELECT count(*) FROM request_results")).scalar()
+        jobs = conn.execute(text("SELECT id, tenant_id, kind, created_at FROM jobs ORDER BY id")).all()
+        shard_jobs = conn.execute(text("SELECT id, job_id FROM shards ORDER BY id")).all()
     engine.dispose()
+    # 0003: every batch is a job of kind batch, and its shards reference that job.
+    assert [tuple(row) for row in jobs] == [("batch_done", "t1", "batch", 1), ("batch_run", "t1", "batch", 1)]
+    assert [tuple(row) for row in shard_jobs] == [(1, "batch_done"), (2, "batch_run")]
     assert [tuple(row) for row in counters] == [(1, 2, 1, 21, 11), (2, 1, 0, 7, 3)]
     assert [tuple(row) for row in batches] == [("batch_done", "completed", 3), ("batch_run", "in_progress", 3)]
     assert kept == 4

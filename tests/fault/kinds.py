@@ -95,7 +95,7 @@ class ChatBatch:
             len(job.request_ids), per_file["succeeded"], per_file["failed"])
         with session_scope(deployment.database_url) as session:
             results = session.scalars(select(RequestResult.custom_id).where(RequestResult.batch_id == job.id)).all()
-            shards = session.scalars(select(Shard).where(Shard.batch_id == job.id)).all()
+            shards = session.scalars(select(Shard).where(Shard.job_id == job.id)).all()
             row = session.get(Batch, job.id)
             files = session.scalars(select(File).where(File.filename.startswith(job.id))).all()
             every_file = session.scalars(select(File)).all()

@@ -45,7 +45,7 @@ def attempts(d: Deployment, job) -> dict[str, int]:
 
 def shards(d: Deployment, job) -> list[Shard]:
     with session_scope(d.database_url) as session:
-        return list(session.scalars(select(Shard).where(Shard.batch_id == job.id).order_by(Shard.index)))
+        return list(session.scalars(select(Shard).where(Shard.job_id == job.id).order_by(Shard.index)))
 
 
 @each_kind

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.workers.fake_model import FakeModel
-from workers.chat import (
+from workers.batches.chat import (
     batch_error_line,
     build_request,
     output_line,
@@ -13,7 +13,7 @@ from workers.chat import (
     response_body,
     stable_seed,
 )
-from workers.request_contract import RequestError
+from workers.batches.request_contract import RequestError
 from workers.runtime.types import GenerationResult
 
 CHAT = "/v1/chat/completions"

@@ -6,6 +6,7 @@ import time
 
 from sqlalchemy import func, select, update
 
+from db.batches import batch_runs
 from db.leases import (
     ResultRow,
     claim_shard,
@@ -23,7 +24,7 @@ from workers.reaper import reap
 def _claim(settings, shard_id, worker="w1"):
     with session_scope(settings.database_url) as session:
         return claim_shard(session=session, shard_id=shard_id, worker_id=worker, lease_seconds=settings.lease_seconds,
-                           max_attempts=settings.max_attempts)
+                           max_attempts=settings.max_attempts, job_runs=batch_runs())
 
 
 def _shard(settings, shard_id) -> Shard:

@@ -7,14 +7,15 @@ import time
 
 from sqlalchemy import select, update
 
+from db.batches import batch_runs
 from db.leases import claim_shard
 from db.models import Batch, BatchStatus, File, RequestResult, Shard, ShardStatus
 from db.session import session_scope
 from storage import store_from_settings
 from tests.workers.conftest import chat_line
 from tests.workers.fake_model import FakeModel
+from workers.batches.shard_runner import run_shard
 from workers.reaper import reap
-from workers.shard_runner import run_shard
 
 
 def _batch(settings, batch_id) -> Batch:
@@ -65,7 +66,7 @@ def test_running_shard_stops_when_its_batch_expires(settings, make_batch):
 
 
 def test_reaper_finalizes_a_batch_whose_finalizer_never_ran(settings, make_batch, fake_model, monkeypatch):
-    monkeypatch.setattr("workers.shard_runner.maybe_finalize", lambda *_: False)  # the worker died right after
+    monkeypatch.setattr("workers.batches.shard_runner.maybe_finalize", lambda *_: False)  # the worker died right after
     made = make_batch([chat_line("r0", "hello")])
     run_shard(settings=settings, shard_id=made.shard_ids[0], worker_id="w", model_loader=lambda _m: fake_model)
     assert _batch(settings, made.batch_id).status == BatchStatus.IN_PROGRESS
@@ -80,7 +81,7 @@ def test_dead_worker_recovery_writes_each_request_once(settings, make_batch, fak
     shard_id = made.shard_ids[0]
     with session_scope(settings.database_url) as session:  # a worker claimed it and was kill -9'd
         assert claim_shard(session=session, shard_id=shard_id, worker_id="dead", lease_seconds=0.01,
-                           max_attempts=3) == 1
+                           max_attempts=3, job_runs=batch_runs()) == 1
     time.sleep(0.05)
     assert reap(settings).redispatched == [shard_id]
     # The reaper's message and the broker's own redelivery of the old one: one runs, one is a no-op.

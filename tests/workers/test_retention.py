@@ -16,8 +16,8 @@ from db.models import Batch, BatchStatus, File, RequestResult, Shard
 from db.session import session_scope
 from storage import store_from_settings
 from tests.workers.conftest import chat_line
+from workers.batches.shard_runner import run_shard
 from workers.retention import collect
-from workers.shard_runner import run_shard
 
 
 @pytest.fixture
@@ -68,7 +68,7 @@ def test_expired_files_and_old_batches_leave_nothing_behind(s3_settings, s3_serv
     assert f"batches/{recent.batch_id}/output.jsonl" in after
     with session_scope(settings.database_url) as session:
         assert session.get(Batch, made.batch_id) is None
-        assert session.scalars(select(Shard).where(Shard.batch_id == made.batch_id)).all() == []
+        assert session.scalars(select(Shard).where(Shard.job_id == made.batch_id)).all() == []
         assert session.scalars(select(RequestResult).where(RequestResult.batch_id == made.batch_id)).all() == []
         assert session.scalars(select(File).where(File.id.in_([expiring, *old_files]))).all() == []
         named = {row.storage_key for row in session.scalars(select(File))}

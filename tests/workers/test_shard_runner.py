@@ -9,14 +9,14 @@ import time
 import pytest
 from sqlalchemy import func, select, update
 
-from db.batches import request_cancel
+from db.batches import batch_runs, request_cancel
 from db.leases import ResultRow, claim_shard, record_results
 from db.models import Batch, BatchStatus, File, RequestOutcome, RequestResult, Shard, ShardStatus
 from db.session import session_scope
 from storage import store_from_settings
 from tests.workers.conftest import chat_line
 from tests.workers.fake_model import POISON, FakeModel
-from workers.shard_runner import run_shard
+from workers.batches.shard_runner import run_shard
 
 
 def _run(settings, shard_id, model, worker="w1", **kw):
@@ -74,7 +74,8 @@ def test_resume_skips_stored_results(settings, make_batch, fake_model):
     shard_id = made.shard_ids[0]
     # Attempt 1 stored two results and died.
     with session_scope(settings.database_url) as session:
-        attempt = claim_shard(session=session, shard_id=shard_id, worker_id="dead", lease_seconds=5, max_attempts=3)
+        attempt = claim_shard(session=session, shard_id=shard_id, worker_id="dead", lease_seconds=5, max_attempts=3,
+                              job_runs=batch_runs())
     for custom_id in ("r0", "r2"):
         with session_scope(settings.database_url) as session:
             record_results(session=session, batch_id=made.batch_id, shard_id=shard_id, attempt=attempt,
@@ -129,7 +130,7 @@ def test_cancel_stops_the_shard_and_finalizes_cancelled(settings, make_batch):
     # The second shard's message arrives later: nothing to do.
     assert _run(settings, made.shard_ids[1], model).status == "not_claimed"
     with session_scope(settings.database_url) as session:
-        statuses = [s.status for s in session.scalars(select(Shard).where(Shard.batch_id == made.batch_id)
+        statuses = [s.status for s in session.scalars(select(Shard).where(Shard.job_id == made.batch_id)
                                                       .order_by(Shard.index))]
     assert statuses == [ShardStatus.CANCELLED, ShardStatus.CANCELLED]
     batch = _batch(settings, made.batch_id)
@@ -153,7 +154,7 @@ def test_lost_lease_stops_writes(settings, make_batch):
         with session_scope(settings.database_url) as session:
             session.execute(update(Shard).where(Shard.id == shard_id).values(lease_expires_at=time.time() - 1))
             assert claim_shard(session=session, shard_id=shard_id, worker_id="thief", lease_seconds=60,
-                               max_attempts=3) == 2
+                               max_attempts=3, job_runs=batch_runs()) == 2
 
     thief = threading.Thread(target=steal)
     thief.start()
@@ -186,11 +187,11 @@ def test_crash_releases_then_fails_after_max_attempts(settings, make_batch):
 
 
 def test_concurrent_finalizers_finalize_once(settings, make_batch, fake_model, monkeypatch):
-    from workers import finalize
+    from workers.batches import finalize
 
     made = make_batch([chat_line(f"r{i}", f"hello {i}") for i in range(4)])
     with session_scope(settings.database_url) as session:  # the work is done; nobody finalized yet
-        session.execute(update(Shard).where(Shard.batch_id == made.batch_id).values(status=ShardStatus.DONE))
+        session.execute(update(Shard).where(Shard.job_id == made.batch_id).values(status=ShardStatus.DONE))
     calls = []
     real = finalize.finalize_batch
     monkeypatch.setattr(finalize, "finalize_batch", lambda s, b: (calls.append(b), real(s, b)))
@@ -221,7 +222,7 @@ def test_database_failure_releases_the_shard_without_blaming_requests(settings, 
     def down(**_kwargs):
         raise OperationalError("INSERT", {}, Exception("connection refused"))
 
-    monkeypatch.setattr("workers.shard_runner.record_results", down)
+    monkeypatch.setattr("workers.batches.shard_runner.record_results", down)
     outcome = _run(settings, made.shard_ids[0], fake_model)
     assert outcome.status == "released" and "could not store" in outcome.error
     assert fake_model.submits == 1  # no resubmission hunting a poison request
@@ -293,7 +294,7 @@ def test_request_that_kills_its_worker_is_quarantined_and_the_rest_finish(settin
 
 
 def test_a_batch_that_cannot_be_finalized_fails_with_the_reason(settings, make_batch, fake_model):
-    from workers.finalize import refinalize_stale
+    from workers.batches.finalize import refinalize_stale
 
     made = make_batch([chat_line(f"r{i}", f"hello {i}") for i in range(2)])
     shard_id = made.shard_ids[0]

@@ -15,9 +15,9 @@ from db.models import Batch, BatchStatus, RequestOutcome, RequestResult
 from db.session import session_scope
 from tests.workers.conftest import chat_line
 from tests.workers.runtime.tiny_checkpoints import random_hf_state, tiny_hf_config, write_hf_dir
+from workers.batches.shard_runner import run_shard
 from workers.runtime.engine import EngineConfig
 from workers.runtime.loader import load_checkpoint
-from workers.shard_runner import run_shard
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from genq.settings import Settings, get_settings
-from workers.registry import bundled_gguf_path, get_model
+from workers.registry import bundled_gguf_path, get_model, is_fine_tuned
 from workers.runtime.chat_template import render_chat_template
 from workers.runtime.checkpoint import Checkpoint
 from workers.runtime.config import ModelConfig
@@ -136,8 +136,18 @@ def load_checkpoint(path: str | Path, *, device: torch.device | str = "cpu", dty
                     engine_config: EngineConfig | None = None) -> LoadedModel:
     """A LoadedModel straight from a path (no registry, no cache): for tests, tools and benchmarks."""
     checkpoint = read_checkpoint(path)
+    return serve_checkpoint(checkpoint, fuse_projections(checkpoint.tensors, checkpoint.config), device=device,
+                            dtype=dtype, model_id=model_id, context_length=context_length,
+                            engine_config=engine_config)
+
+
+def serve_checkpoint(checkpoint: Checkpoint, state: dict[str, torch.Tensor], *, device: torch.device | str,
+                     dtype: torch.dtype, model_id: str | None, context_length: int | None,
+                     engine_config: EngineConfig | None) -> LoadedModel:
+    """A LoadedModel of checkpoint's config, tokenizer and template with `state` (fused names) as its weights:
+    the checkpoint's own, or those with a fine-tuned adapter merged in."""
     device = torch.device(device)
-    model = build_model(checkpoint.config, fuse_projections(checkpoint.tensors, checkpoint.config), device, dtype)
+    model = build_model(checkpoint.config, state, device, dtype)
     context = context_length or checkpoint.config.context_length
     model_id = model_id or checkpoint.path.name
     engine = Engine(model, checkpoint.tokenizer, context_length=context, cache_key=model_id, config=engine_config)
@@ -206,6 +216,10 @@ def download_s3_prefix(url: str, cache_root: Path, endpoint_url: str | None, cli
 
 def load_registered_model(model_id: str, settings: Settings) -> LoadedModel:
     """The registry's model_id on settings' device and dtype (uncached; load_model caches it)."""
+    if is_fine_tuned(model_id):
+        from workers.fine_tuning.serving import load_fine_tuned_model
+
+        return load_fine_tuned_model(model_id, settings)
     spec = get_model(model_id, settings)
     device = resolve_device(settings)
     dtype = resolve_dtype(settings, device)

@@ -25,14 +25,14 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from db.batches import usage_body
-from db.leases import ResultRow, batch_has_active_shards, cancel_queued_shards, record_unfenced_results
+from db.leases import ResultRow, cancel_queued_shards, has_active_shards, record_unfenced_results
 from db.models import Batch, BatchStatus, File, RequestOutcome, RequestResult, Shard, ShardStatus
 from db.session import insert_ignoring_conflicts, session_scope
 from genq.settings import Settings
 from storage import StorageError, StorageKeyNotFound, Store, store_from_settings
 from storage.keys import batch_result_key
-from workers.chat import batch_error_line, stable_id
-from workers.shard_files import read_shard_lines
+from workers.batches.chat import batch_error_line, stable_id
+from workers.batches.shard_files import read_shard_lines
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +55,8 @@ def maybe_finalize(settings: Settings, batch_id: str) -> bool:
         if row is None or row.status not in (BatchStatus.IN_PROGRESS, BatchStatus.CANCELLING):
             return False
         if row.status == BatchStatus.CANCELLING or row.expired_at is not None:
-            cancel_queued_shards(session=session, batch_id=batch_id)
-        active = batch_has_active_shards()
+            cancel_queued_shards(session=session, job_id=batch_id)
+        active = has_active_shards(Batch.id)
         claimed = session.execute(
             update(Batch)
             .where(Batch.id == batch_id, Batch.status.in_([BatchStatus.IN_PROGRESS, BatchStatus.CANCELLING]), ~active)
@@ -118,7 +118,7 @@ def _missing_code(batch: Batch, shard: Shard) -> tuple[str, str]:
 
 def _fill_missing_results(session: Session, store: Store, batch: Batch) -> None:
     """Writes an error row for every request of the batch that has none."""
-    for shard in session.scalars(select(Shard).where(Shard.batch_id == batch.id).order_by(Shard.index)):
+    for shard in session.scalars(select(Shard).where(Shard.job_id == batch.id).order_by(Shard.index)):
         if shard.succeeded + shard.failed >= shard.request_count:
             continue
         done = set(session.scalars(select(RequestResult.custom_id).where(RequestResult.shard_id == shard.id)))
@@ -187,10 +187,10 @@ def finalize_batch(settings: Settings, batch_id: str) -> None:
         succeeded, prompt_tokens, completion_tokens = session.execute(  # the shards' counters (db/leases.py)
             select(func.coalesce(func.sum(Shard.succeeded), 0), func.coalesce(func.sum(Shard.prompt_tokens), 0),
                    func.coalesce(func.sum(Shard.completion_tokens), 0))
-            .where(Shard.batch_id == batch_id)
+            .where(Shard.job_id == batch_id)
         ).one()
         failed_shards = session.scalar(select(func.count(Shard.id)).where(
-            Shard.batch_id == batch_id, Shard.status == ShardStatus.FAILED)) or 0
+            Shard.job_id == batch_id, Shard.status == ShardStatus.FAILED)) or 0
         values: dict[str, Any] = {
             "output_file_id": files["output"], "error_file_id": files["errors"],
             "usage": usage_body(input_tokens=int(prompt_tokens), output_tokens=int(completion_tokens)),

@@ -13,10 +13,8 @@ engine failure (out of memory) or a database failure releases the shard for anot
 
 from __future__ import annotations
 
-import enum
 import logging
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -25,33 +23,34 @@ from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 from tenacity import Retrying, retry_if_exception, stop_after_delay, stop_any, wait_exponential
 
+from db.batches import batch_runs, batch_should_stop
 from db.leases import (
     ResultRow,
-    batch_should_stop,
     claim_shard,
     done_custom_ids,
     finish_shard,
     mark_suspect,
     record_results,
     release_shard,
-    renew_lease,
 )
 from db.models import Batch, RequestOutcome, Shard, ShardStatus
 from db.session import session_scope
 from genq.settings import Settings
 from storage import store_from_settings
 from storage.errors import StorageError, StorageKeyNotFound
-from workers.chat import (
+from workers.batches.chat import (
     build_request,
     output_line,
     request_error_line,
     response_body,
 )
-from workers.finalize import maybe_finalize
-from workers.request_contract import RequestError
+from workers.batches.finalize import maybe_finalize
+from workers.batches.request_contract import RequestError
+from workers.batches.shard_files import InputLine, read_shard_lines
+from workers.heartbeat import Heartbeat
 from workers.runtime.errors import ContextLengthError, GenerationFailedError, RequestFailure
 from workers.runtime.types import GenerationRequest, GenerationResult, ServedModel
-from workers.shard_files import InputLine, read_shard_lines
+from workers.shard_outcome import ShardOutcome, ShardRun
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -59,31 +58,6 @@ T = TypeVar("T")
 ModelLoader = Callable[[str], ServedModel]
 # Called after each stored result with (prompt_tokens, completion_tokens); `genq run` draws progress.
 ProgressCallback = Callable[[int, int], None]
-
-
-class ShardRun(enum.StrEnum):
-    """How one run_shard call ended."""
-
-    NOT_CLAIMED = "not_claimed"  # a duplicate delivery: leased elsewhere, finished, or its batch stopped
-    DONE = "done"  # every request has a stored result
-    CANCELLED = "cancelled"  # the batch was cancelled or expired (or the caller's cancel event was set)
-    LEASE_LOST = "lease_lost"  # another attempt owns the shard now; this one wrote nothing more
-    RELEASED = "released"  # this attempt crashed or ran past its time limit; attempts are left
-    FAILED = "failed"  # ... and it was the last attempt
-
-
-@dataclass
-class ShardOutcome:
-    """What one run_shard call did."""
-
-    shard_id: int
-    status: ShardRun
-    attempt: int | None = None
-    written: int = 0  # results this attempt stored
-    skipped: int = 0  # requests an earlier attempt had already stored
-    queue: str | None = None  # for RELEASED: where to send the shard again
-    error: str | None = None
-    finalized: bool = False  # this call finalized the batch
 
 
 @dataclass
@@ -113,60 +87,6 @@ class ResultWriteError(RuntimeError):
 
 class ShardTimeLimitExceeded(RuntimeError):
     """The attempt ran past settings.shard_time_limit_seconds: released like a crash (retry or fail)."""
-
-
-class Heartbeat(threading.Thread):
-    """Renews the lease every interval and reads the batch's stop conditions (cancel, expiry)."""
-
-    def __init__(self, *, database_url: str, job: _ShardJob, lease_seconds: float, interval: float,
-                 time_limit: float, cancel: threading.Event | None = None) -> None:
-        super().__init__(name=f"heartbeat-shard-{job.shard_id}", daemon=True)
-        self.database_url = database_url
-        self.job = job
-        self.lease_seconds = lease_seconds
-        self.interval = interval
-        self.stop_requested = threading.Event()  # cancel or expiry: finish the shard as cancelled
-        self.lease_lost = threading.Event()  # another attempt owns the shard: write nothing more
-        self.cancel = cancel  # set by the caller (genq run's Ctrl-C): stop now, as for a cancel
-        # Celery's time limits need the prefork pool; genq's shards run in threads, so the heartbeat
-        # keeps the limit: past it the attempt aborts its requests and counts as a crashed one.
-        self.deadline = time.monotonic() + time_limit
-        self.timed_out = threading.Event()
-        self._done = threading.Event()
-        self._renewed_at = time.monotonic()
-
-    def should_stop(self) -> bool:
-        if self.cancel is not None and self.cancel.is_set():
-            self.stop_requested.set()
-        if time.monotonic() > self.deadline:
-            self.timed_out.set()
-        return self.stop_requested.is_set() or self.lease_lost.is_set() or self.timed_out.is_set()
-
-    def beat(self) -> None:
-        try:
-            with session_scope(self.database_url) as session:
-                held = renew_lease(session=session, shard_id=self.job.shard_id, attempt=self.job.attempt,
-                                   lease_seconds=self.lease_seconds)
-                stop = batch_should_stop(session=session, batch_id=self.job.batch_id)
-        except Exception as exc:  # a database blip: keep going while the lease may still be ours
-            log.warning("heartbeat of shard %s failed: %s", self.job.shard_id, exc)
-            if time.monotonic() - self._renewed_at > self.lease_seconds:
-                self.lease_lost.set()
-            return
-        self._renewed_at = time.monotonic()
-        if not held:
-            log.warning("shard %s attempt %s lost its lease", self.job.shard_id, self.job.attempt)
-            self.lease_lost.set()
-        if stop:
-            self.stop_requested.set()
-
-    def run(self) -> None:
-        while not self._done.wait(self.interval):
-            self.beat()
-
-    def close(self) -> None:
-        self._done.set()
-        self.join(timeout=self.interval + 5)
 
 
 class _ResultWriter:
@@ -245,19 +165,20 @@ def _as_request_error(error: RequestFailure) -> RequestError:
 def _load_job(settings: Settings, shard_id: int, worker_id: str) -> tuple[_ShardJob | None, str | None]:
     with session_scope(settings.resolved_database_url()) as session:
         attempt = claim_shard(session=session, shard_id=shard_id, worker_id=worker_id,
-                              lease_seconds=settings.lease_seconds, max_attempts=settings.max_attempts)
+                              lease_seconds=settings.lease_seconds, max_attempts=settings.max_attempts,
+                              job_runs=batch_runs())
         row = session.execute(
-            select(Shard.batch_id, Shard.model, Shard.queue, Shard.input_key, Shard.deaths, Shard.suspect,
+            select(Shard.job_id, Shard.model, Shard.queue, Shard.input_key, Shard.deaths, Shard.suspect,
                    Batch.endpoint)
-            .join(Batch, Batch.id == Shard.batch_id).where(Shard.id == shard_id)
+            .join(Batch, Batch.id == Shard.job_id).where(Shard.id == shard_id)
         ).first()
     if row is None:
         return None, None
     if attempt is None:
-        return None, row.batch_id
-    return _ShardJob(shard_id=shard_id, attempt=attempt, batch_id=row.batch_id, endpoint=row.endpoint,
+        return None, row.job_id
+    return _ShardJob(shard_id=shard_id, attempt=attempt, batch_id=row.job_id, endpoint=row.endpoint,
                      model=row.model, queue=row.queue, input_key=row.input_key, isolate=row.deaths > 0,
-                     suspect=row.suspect), row.batch_id
+                     suspect=row.suspect), row.job_id
 
 
 def run_shard(*, settings: Settings, shard_id: int, worker_id: str,
@@ -274,7 +195,9 @@ def run_shard(*, settings: Settings, shard_id: int, worker_id: str,
         finalized = maybe_finalize(settings, batch_id) if batch_id else False
         return ShardOutcome(shard_id=shard_id, status=ShardRun.NOT_CLAIMED, finalized=finalized)
 
-    heartbeat = Heartbeat(database_url=url, job=job, lease_seconds=settings.lease_seconds,
+    heartbeat = Heartbeat(database_url=url, shard_id=job.shard_id, attempt=job.attempt,
+                          job_stopped=lambda session: batch_should_stop(session=session, batch_id=job.batch_id),
+                          lease_seconds=settings.lease_seconds,
                           interval=settings.heartbeat_seconds, time_limit=settings.shard_time_limit_seconds,
                           cancel=cancel)
     heartbeat.start()

@@ -1,7 +1,7 @@
 """OpenAI request bodies -> runtime GenerationRequests, and GenerationResults -> OpenAI output lines.
 
 Torch-free: it only calls the loaded model's `render_chat`, `encode`, `decode` and `context_length`;
-the body's rules are workers.request_contract's. A body that cannot be served raises RequestError,
+the body's rules are workers.batches.request_contract's. A body that cannot be served raises RequestError,
 which becomes that request's error line (HTTP 400 shape); the other requests of the shard carry on.
 """
 
@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 from jinja2 import TemplateError
 
-from workers.request_contract import CHAT_ENDPOINT, COMPLETIONS_ENDPOINT, RequestError, parse_body
+from workers.batches.request_contract import CHAT_ENDPOINT, COMPLETIONS_ENDPOINT, RequestError, parse_body
 from workers.runtime.types import GenerationRequest, GenerationResult
 
 

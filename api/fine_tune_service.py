@@ -1,0 +1,80 @@
+"""Creating a fine-tune: the checks a request must pass before anything is queued.
+
+The base model must be one this deployment serves; the files must be the tenant's, of purpose
+fine-tune, and valid line by line for the method (workers/fine_tuning/data.py, torch-free: the same
+checks the worker's preparation starts with), the validation file in the training file's format. Each
+refusal is a 400 naming the parameter, and for a bad line its number. Tokenizing, truncation and the
+validation split need the model's tokenizer, so the worker does them (status validating_files) and
+reports them as the job's first events.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+from sqlalchemy.orm import Session
+
+from api.errors import InvalidRequest, no_such
+from api.fine_tuning_schemas import CreateFineTuningJobRequest
+from db.files import get_file
+from db.fine_tuning import add_fine_tune, new_fine_tune_id
+from db.models import FineTuningJob, Shard
+from genq.settings import Settings
+from storage import Store
+from workers.dispatch import queue_for_model
+from workers.fine_tuning.data import TrainingFileError, check_validation_format, read_training_file
+from workers.registry import list_models
+
+FINE_TUNE_PURPOSE = "fine-tune"
+
+
+def _lines(store: Store, key: str) -> list[bytes]:
+    with store.open_stream(key) as stream:
+        return stream.read().splitlines()
+
+
+def _checked_file(*, session: Session, store: Store, tenant_id: str, file_id: str, param: str) -> list[bytes]:
+    file = get_file(session=session, tenant_id=tenant_id, file_id=file_id)
+    if file is None:  # another tenant's file is not found either
+        raise no_such("File object", file_id, param=param)
+    if file.purpose != FINE_TUNE_PURPOSE:
+        raise InvalidRequest(f"file {file_id!r} has purpose {file.purpose!r}; a fine-tune needs 'fine-tune'",
+                             param=param, code="invalid_file_purpose")
+    return _lines(store, file.storage_key)
+
+
+def _file_error(error: TrainingFileError, param: str, which: str) -> InvalidRequest:
+    extra = {"line": error.line} if error.line is not None else {}
+    return InvalidRequest(f"The {which} file is not valid: {error.message}", param=param, code=error.code.value,
+                          extra=extra)
+
+
+def create_fine_tune(*, session: Session, store: Store, settings: Settings, tenant_id: str,
+                     body: CreateFineTuningJobRequest) -> tuple[FineTuningJob, Shard]:
+    """Checks the request and inserts the job (queued) with its shard; the caller commits and enqueues."""
+    bases = {spec.id for spec in list_models(settings)}
+    if body.model not in bases:
+        raise InvalidRequest(f"model {body.model!r} cannot be fine-tuned here; base models: {', '.join(sorted(bases))} "
+                             "(GET /v1/models)", param="model", code="model_not_found")
+    method = body.resolved_method()
+    training = _checked_file(session=session, store=store, tenant_id=tenant_id, file_id=body.training_file,
+                             param="training_file")
+    try:
+        read_training_file(training, method.type)
+    except TrainingFileError as exc:
+        raise _file_error(exc, "training_file", "training") from None
+    if body.validation_file:
+        validation = _checked_file(session=session, store=store, tenant_id=tenant_id, file_id=body.validation_file,
+                                   param="validation_file")
+        try:
+            check_validation_format(method.type, validation)
+            read_training_file(validation, method.type)
+        except TrainingFileError as exc:
+            raise _file_error(exc, "validation_file", "validation") from None
+    stored_method = {"type": method.type, method.type: {"hyperparameters": method.hyperparameters().model_dump(
+        exclude={"beta"} if method.type == "supervised" else set())}, "lora": body.lora.model_dump()}
+    seed = body.seed if body.seed is not None else secrets.randbelow(2_147_483_648)
+    return add_fine_tune(session=session, job_id=new_fine_tune_id(), tenant_id=tenant_id, model=body.model,
+                         training_file=body.training_file, validation_file=body.validation_file,
+                         method=stored_method, suffix=body.suffix, seed=seed, metadata=body.metadata,
+                         queue=queue_for_model(body.model))

@@ -1,0 +1,348 @@
+"""run_fine_tune_shard: claim a fine-tune's shard, prepare its data, train it in segments, publish the model.
+
+The executor of the fine_tune job kind, on the same lease machinery as batches (claim, heartbeat,
+fenced writes, reaper). Each segment (settings.fine_tune_segment_seconds) ends with the trainer's
+whole state in storage and the job row pointing at it, in a transaction fenced by the attempt; a
+later attempt (another worker, after this one died) prepares the same data from the same files and
+seed and continues from that state, with the same data order and optimizer moments. Cancel is seen by
+the heartbeat and stops training before its next step. Epoch ends write a checkpoint (the last 3
+kept), each servable as a model; the end writes the final adapter, the metrics CSV and the model row.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import time
+from contextlib import suppress
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from sqlalchemy import select
+
+from db.files import create_file, file_storage_key, new_file_id
+from db.fine_tuning import (
+    ACTIVE_STATUSES,
+    add_event,
+    add_model,
+    fail,
+    fine_tuned_model_name,
+    job_runs,
+    prune_checkpoints,
+    record_segment,
+    start_preparing,
+    start_running,
+    status_of,
+    succeed,
+)
+from db.leases import claim_shard, finish_shard, release_shard
+from db.models import File, FineTuningEvent, FineTuningJob, Shard, ShardStatus, Tenant
+from db.session import session_scope
+from genq.settings import Settings
+from storage import Store, store_from_settings
+from storage.keys import adapter_prefix, training_state_key
+from workers.fine_tuning.data import Method, TrainingFile, TrainingFileError, read_training_file
+from workers.fine_tuning.hyperparameters import Hyperparameters, resolve_hyperparameters
+from workers.fine_tuning.lora import LoraConfig, adapter_files
+from workers.fine_tuning.prepare import PreparedData, prepare
+from workers.fine_tuning.trainer import SegmentResult, Trainer, TrainerConfig
+from workers.heartbeat import Heartbeat
+from workers.registry import get_model
+from workers.runtime.loader import read_checkpoint, resolve_device, resolve_source
+from workers.runtime.model import Transformer, build_model
+from workers.runtime.weights import fuse_projections
+from workers.shard_outcome import ShardOutcome, ShardRun
+
+log = logging.getLogger(__name__)
+KEPT_CHECKPOINTS = 3
+RESULTS_PURPOSE = "fine-tune-results"
+RESULT_COLUMNS = ("step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy")
+
+
+class LeaseLost(RuntimeError):
+    """Another attempt owns the shard now: this one stops and writes nothing more."""
+
+
+class Cancelled(RuntimeError):
+    """The job was cancelled (or otherwise ended) while this attempt ran."""
+
+
+@dataclass
+class _Job:
+    shard_id: int
+    attempt: int
+    queue: str
+    id: str
+    tenant_id: str
+    tenant_name: str
+    model: str
+    training_key: str
+    validation_key: str | None
+    method: dict[str, Any]
+    suffix: str | None
+    seed: int
+    resume_key: str | None
+
+    @property
+    def kind(self) -> Method:
+        return Method(self.method["type"])
+
+    @property
+    def model_name(self) -> str:
+        return fine_tuned_model_name(base=self.model, tenant_name=self.tenant_name, suffix=self.suffix, job_id=self.id)
+
+
+def run_fine_tune_shard(*, settings: Settings, shard_id: int, worker_id: str) -> ShardOutcome:
+    """Runs (or resumes) the fine-tune whose shard this is; see the module docstring."""
+    url = settings.resolved_database_url()
+    job = _claim(settings, shard_id, worker_id)
+    if job is None:
+        return ShardOutcome(shard_id=shard_id, status=ShardRun.NOT_CLAIMED)
+    heartbeat = Heartbeat(database_url=url, shard_id=shard_id, attempt=job.attempt,
+                          job_stopped=lambda session: status_of(session=session, job_id=job.id) not in ACTIVE_STATUSES,
+                          lease_seconds=settings.lease_seconds, interval=settings.heartbeat_seconds,
+                          time_limit=settings.fine_tune_time_limit_seconds)
+    heartbeat.start()
+    try:
+        steps = _run(settings, job, heartbeat)
+    except TrainingFileError as exc:  # the files pass the API's checks but not tokenization: nothing to retry
+        with session_scope(url) as session:
+            if finish_shard(session=session, shard_id=shard_id, attempt=job.attempt, status=ShardStatus.FAILED,
+                            error=exc.message):
+                fail(session=session, job_id=job.id, code=exc.code.value, message=exc.message)
+        return ShardOutcome(shard_id=shard_id, status=ShardRun.FAILED, attempt=job.attempt, error=exc.message)
+    except LeaseLost:
+        return ShardOutcome(shard_id=shard_id, status=ShardRun.LEASE_LOST, attempt=job.attempt)
+    except Cancelled:
+        with session_scope(url) as session:
+            finish_shard(session=session, shard_id=shard_id, attempt=job.attempt, status=ShardStatus.CANCELLED)
+        return ShardOutcome(shard_id=shard_id, status=ShardRun.CANCELLED, attempt=job.attempt)
+    except Exception as exc:  # a crash (out of memory, storage down): another attempt resumes from the last segment
+        log.exception("fine-tune %s attempt %s crashed", job.id, job.attempt)
+        return _release(settings, job, f"{type(exc).__name__}: {exc}")
+    finally:
+        heartbeat.close()
+    return ShardOutcome(shard_id=shard_id, status=ShardRun.DONE, attempt=job.attempt, written=steps)
+
+
+def _claim(settings: Settings, shard_id: int, worker_id: str) -> _Job | None:
+    with session_scope(settings.resolved_database_url()) as session:
+        attempt = claim_shard(session=session, shard_id=shard_id, worker_id=worker_id,
+                              lease_seconds=settings.lease_seconds, max_attempts=settings.max_attempts,
+                              job_runs=job_runs())
+        row = session.execute(
+            select(Shard.queue, FineTuningJob, Tenant.name).join(FineTuningJob, FineTuningJob.id == Shard.job_id)
+            .join(Tenant, Tenant.id == FineTuningJob.tenant_id).where(Shard.id == shard_id)).first()
+        if row is None:
+            return None
+        queue, ft, tenant_name = row
+        if attempt is None:
+            failed = session.scalar(select(Shard.status).where(Shard.id == shard_id)) == ShardStatus.FAILED
+            if failed:  # out of attempts: the job fails with the shard's reason
+                fail(session=session, job_id=ft.id, code="worker_failed",
+                     message=f"Training stopped and could not be resumed after {settings.max_attempts} "
+                             "attempts")
+            return None
+        keys = dict(session.execute(select(File.id, File.storage_key).where(
+            File.id.in_([ft.training_file, ft.validation_file or ""]))).all())
+        if ft.training_file not in keys or (ft.validation_file and ft.validation_file not in keys):
+            fail(session=session, job_id=ft.id, code="file_deleted",
+                 message="The training or validation file was deleted before training started")
+            finish_shard(session=session, shard_id=shard_id, attempt=attempt, status=ShardStatus.FAILED)
+            return None
+        return _Job(shard_id=shard_id, attempt=attempt, queue=queue, id=ft.id, tenant_id=ft.tenant_id,
+                    tenant_name=tenant_name, model=ft.model, training_key=keys[ft.training_file],
+                    validation_key=keys.get(ft.validation_file) if ft.validation_file else None, method=ft.method,
+                    suffix=ft.suffix, seed=ft.seed, resume_key=ft.resume_key)
+
+
+def _release(settings: Settings, job: _Job, error: str) -> ShardOutcome:
+    with session_scope(settings.resolved_database_url()) as session:
+        status = release_shard(session=session, shard_id=job.shard_id, attempt=job.attempt, error=error,
+                               max_attempts=settings.max_attempts)
+        if status == ShardStatus.FAILED:
+            fail(session=session, job_id=job.id, code="worker_failed", message=f"Training failed: {error}")
+    if status == ShardStatus.QUEUED:
+        return ShardOutcome(shard_id=job.shard_id, status=ShardRun.RELEASED, attempt=job.attempt, queue=job.queue,
+                            error=error)
+    if status is None:
+        return ShardOutcome(shard_id=job.shard_id, status=ShardRun.LEASE_LOST, attempt=job.attempt)
+    return ShardOutcome(shard_id=job.shard_id, status=ShardRun.FAILED, attempt=job.attempt, error=error)
+
+
+def _read(store: Store, key: str, method: Method) -> TrainingFile:
+    with store.open_stream(key) as stream:
+        return read_training_file(stream.read().splitlines(), method)
+
+
+def training_model(settings: Settings, base_model: str) -> tuple[Transformer, Any]:
+    """The base model in fp32 on the worker's device for training, and its checkpoint (tokenizer, template)."""
+    spec = get_model(base_model, settings)
+    checkpoint = read_checkpoint(resolve_source(spec.source, settings))
+    model = build_model(checkpoint.config, fuse_projections(checkpoint.tensors, checkpoint.config),
+                        resolve_device(settings), torch.float32)
+    return model, checkpoint
+
+
+def lora_config(method: dict[str, Any]) -> LoraConfig:
+    lora = method.get("lora") or {}
+    return LoraConfig(rank=lora.get("rank", 8), alpha=lora.get("alpha", 16.0), dropout=lora.get("dropout", 0.0),
+                      target_modules=tuple(lora.get("target_modules", LoraConfig().target_modules)))
+
+
+def _run(settings: Settings, job: _Job, heartbeat: Heartbeat) -> int:
+    """Prepares, trains segment by segment and publishes; returns the steps this attempt trained."""
+    url = settings.resolved_database_url()
+    store = store_from_settings(settings)
+    first = job.resume_key is None
+    with session_scope(url) as session:
+        if not start_preparing(session=session, job_id=job.id):
+            raise Cancelled
+    model, checkpoint = training_model(settings, job.model)
+    train = _read(store, job.training_key, job.kind)
+    validation = _read(store, job.validation_key, job.kind) if job.validation_key else None
+    context = get_model(job.model, settings).context_length
+    data = prepare(train, checkpoint.tokenizer, checkpoint.chat_template, validation=validation,
+                   max_length=min(context, settings.fine_tune_max_length), seed=job.seed)
+    requested = Hyperparameters(**job.method[job.kind.value]["hyperparameters"])
+    resolved = resolve_hyperparameters(requested, len(data.train), job.kind)
+    config = TrainerConfig(method=job.kind, hyperparameters=resolved, lora=lora_config(job.method), seed=job.seed,
+                           early_stopping_patience=settings.fine_tune_early_stopping_patience,
+                           row_tokens=max(4096, 2 * data.stats["max_tokens"]))
+    trainer = Trainer(model, data, config)
+    with session_scope(url) as session:
+        if first:
+            _report_preparation(session, job.id, data)
+        if not start_running(session=session, shard_id=job.shard_id, attempt=job.attempt, job_id=job.id,
+                             hyperparameters=resolved.as_dict(), total_steps=trainer.total_steps):
+            raise LeaseLost if heartbeat.lease_lost.is_set() else Cancelled
+    if job.resume_key:
+        trainer.load_state_bytes(store.get_bytes(job.resume_key))
+        with session_scope(url) as session:
+            add_event(session=session, job_id=job.id, message=f"Resumed from step {trainer.step} of "
+                                                               f"{trainer.total_steps} (attempt {job.attempt})")
+    started_at = trainer.step
+    while True:
+        began = time.monotonic()
+        result = trainer.run_segment(max_seconds=settings.fine_tune_segment_seconds, should_stop=heartbeat.should_stop)
+        _stop_if_told(heartbeat)
+        _save_segment(settings, store, job, trainer, result, seconds=time.monotonic() - began,
+                      steps=result.step - started_at if result.step > started_at else 1)
+        if result.finished:
+            break
+    _publish(settings, store, job, trainer)
+    return trainer.step - started_at
+
+
+def _stop_if_told(heartbeat: Heartbeat) -> None:
+    if heartbeat.lease_lost.is_set():
+        raise LeaseLost
+    if heartbeat.stop_requested.is_set():
+        raise Cancelled
+    if heartbeat.timed_out.is_set():
+        raise TimeoutError("the attempt ran past fine_tune_time_limit_seconds")
+
+
+def _report_preparation(session: Any, job_id: str, data: PreparedData) -> None:
+    s = data.stats
+    add_event(session=session, job_id=job_id, data=s, message=(
+        f"Prepared {s['train_examples']} training and {s['validation_examples']} validation examples "
+        f"(validation {'from its file' if s['validation_source'] == 'file' else 'split off the training file'}); "
+        f"{s['duplicates_dropped']} duplicates and {s['empty_turns_dropped']} empty turns dropped, "
+        f"{s['truncated']} truncated to {s['max_length']} tokens; {s['train_tokens']} tokens per epoch, "
+        f"{s['mean_tokens']} per example on average, {s['max_tokens']} at most"))
+
+
+def _metrics_message(m: dict[str, Any]) -> str:
+    parts = [f"Step {m['step']}/{m['total_steps']}: training loss={m['train_loss']:.4f}"]
+    if "valid_loss" in m:
+        parts.append(f"validation loss={m['valid_loss']:.4f}")
+    return ", ".join(parts)
+
+
+def _save_segment(settings: Settings, store: Store, job: _Job, trainer: Trainer, result: SegmentResult, *,
+                  seconds: float, steps: int) -> None:
+    """Metrics events, the resumable state (fenced), and the epoch's checkpoint when one ended."""
+    url = settings.resolved_database_url()
+    key = training_state_key(job.id, trainer.step)
+    store.put_bytes(key, trainer.state_bytes())
+    per_step = seconds / max(1, steps)
+    eta = int(time.time() + per_step * (trainer.total_steps - trainer.step)) if not result.finished else None
+    with session_scope(url) as session:
+        if not record_segment(session=session, shard_id=job.shard_id, attempt=job.attempt, job_id=job.id,
+                              step=trainer.step, resume_key=key, trained_tokens=trainer.trained_tokens,
+                              estimated_finish=eta):
+            raise LeaseLost
+        for m in result.metrics:
+            add_event(session=session, job_id=job.id, type="metrics", data=m, message=_metrics_message(m))
+    if job.resume_key and job.resume_key != key:
+        with suppress(Exception):
+            store.delete(job.resume_key)  # only the newest state is needed
+    job.resume_key = key
+    if result.epoch_completed is not None and not result.finished:
+        _checkpoint(settings, store, job, trainer, result)
+
+
+def _put_adapter(store: Store, prefix: str, trainer: Trainer, base: str) -> None:
+    for name, data in adapter_files(trainer.adapters, base).items():
+        store.put_bytes(f"{prefix}{name}", data)
+
+
+def _checkpoint(settings: Settings, store: Store, job: _Job, trainer: Trainer, result: SegmentResult) -> None:
+    prefix = adapter_prefix(job.id, trainer.step)
+    _put_adapter(store, prefix, trainer, job.model)
+    last = result.metrics[-1] if result.metrics else {}
+    with session_scope(settings.resolved_database_url()) as session:
+        add_model(session=session, model_id=f"{job.model_name}:ckpt-step-{trainer.step}", tenant_id=job.tenant_id,
+                  job_id=job.id, base_model=job.model, adapter_key=prefix, checkpoint_step=trainer.step,
+                  metrics={k: v for k, v in last.items() if k in ("step", "train_loss", "valid_loss",
+                                                                   "full_valid_loss", "train_mean_token_accuracy",
+                                                                   "valid_mean_token_accuracy")})
+        add_event(session=session, job_id=job.id, message=f"Checkpoint created at step {trainer.step} "
+                                                           f"(epoch {result.epoch_completed})")
+        pruned = prune_checkpoints(session=session, job_id=job.id, keep=KEPT_CHECKPOINTS)
+    for old in pruned:
+        for key in list(store.list_keys(old)):
+            with suppress(Exception):
+                store.delete(key)
+
+
+def results_csv(metrics: list[dict[str, Any]]) -> bytes:
+    """OpenAI's step metrics file: step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy."""
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(RESULT_COLUMNS)
+    for m in metrics:
+        accuracy = m.get("train_mean_token_accuracy", m.get("train_reward_accuracy"))
+        valid_accuracy = m.get("valid_mean_token_accuracy", m.get("valid_reward_accuracy"))
+        writer.writerow([m["step"], m.get("train_loss", ""), "" if accuracy is None else accuracy,
+                         m.get("valid_loss", ""), "" if valid_accuracy is None else valid_accuracy])
+    return out.getvalue().encode()
+
+
+def _publish(settings: Settings, store: Store, job: _Job, trainer: Trainer) -> None:
+    """The final adapter, the metrics CSV (a fine-tune-results file), the model row, succeeded."""
+    prefix = adapter_prefix(job.id)
+    _put_adapter(store, prefix, trainer, job.model)
+    url = settings.resolved_database_url()
+    with session_scope(url) as session:
+        metrics = [e.data for e in session.scalars(select(FineTuningEvent).where(
+            FineTuningEvent.job_id == job.id, FineTuningEvent.type == "metrics").order_by(FineTuningEvent.id))]
+    file_id = new_file_id()
+    content = results_csv([m for m in metrics if m])
+    store.put_bytes(file_storage_key(file_id), content)
+    with session_scope(url) as session:
+        create_file(session=session, tenant_id=job.tenant_id, file_id=file_id, filename="step_metrics.csv",
+                    purpose=RESULTS_PURPOSE, size=len(content))
+        if not succeed(session=session, shard_id=job.shard_id, attempt=job.attempt, job_id=job.id,
+                       fine_tuned_model=job.model_name, trained_tokens=trainer.trained_tokens,
+                       result_files=[file_id]):
+            session.rollback()
+            raise LeaseLost if status_of(session=session, job_id=job.id) in ACTIVE_STATUSES else Cancelled
+        add_model(session=session, model_id=job.model_name, tenant_id=job.tenant_id, job_id=job.id,
+                  base_model=job.model, adapter_key=prefix, checkpoint_step=None,
+                  metrics={"trained_tokens": trainer.trained_tokens, "steps": trainer.step})
+        finish_shard(session=session, shard_id=job.shard_id, attempt=job.attempt, status=ShardStatus.DONE)
+        add_event(session=session, job_id=job.id, message=f"The job has successfully completed: {job.model_name}")
