@@ -41,6 +41,11 @@ Differences from OpenAI, all additive:
   error lines); `POST /v1/batches/{id}/retry_failed` makes a new batch (`retried_from`) of a finished batch's
   failed and never-run requests.
 - Uploads larger than the deployment's limit are 413 `file_too_large`; purposes are `batch` and `fine-tune`.
+- **Fine-tuning** (`/v1/fine_tuning/jobs`, OpenAI's wire format): the model and every line of the files are
+  checked at create (400 with the code and `error.line`), so a job starts `queued`; LoRA settings in the `lora`
+  extension of the body. Fine-tuned models are their tenant's alone; `DELETE /v1/models/{id}` removes one.
+- **Feedback**: `POST|GET /v1/batches/{id}/feedback` rates a finished batch's lines (`good`/`bad`/1-5, an optional
+  correction); `POST /v1/batches/{id}/feedback/export` makes a DPO or supervised fine-tune file of them.
 - **Limits**: each key has a requests-per-minute limit (`x-ratelimit-*-requests` headers on every response) and
   each tenant caps on requests and tokens queued; past one, 429 with `retry-after` and a message naming the
   limit and its numbers. `GET /v1/genq/limits` shows them all.

@@ -271,3 +271,7 @@ class FineTunedModel(Base):
     checkpoint_step: Mapped[int | None] = mapped_column(Integer)  # None: the job's final model
     metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # at this checkpoint (train/valid loss)
     created_at: Mapped[int] = mapped_column(BigInteger)
+
+
+# Tables of other modules, imported so that Base.metadata (Alembic, create_all) holds every table.
+import db.feedback  # noqa: E402, F401

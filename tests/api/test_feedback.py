@@ -250,3 +250,14 @@ def test_an_unknown_export_format_is_a_400(http, auth, batch_id) -> None:
     response = export(http, auth, batch_id, format="rlhf")
     assert response.status_code == 400 and response.json()["error"]["param"] == "format"
     assert export(http, auth, batch_id, format="dpo", filename="a\nb").json()["error"]["param"] == "filename"
+
+
+@pytest.mark.parametrize("method", ["dpo", "supervised"])
+def test_an_export_is_a_training_file_a_fine_tune_accepts(http, auth, app, session, client, method) -> None:
+    questions = {f"q{n}": (f"Question {n}?", f"Wrong answer {n}.") for n in range(12)}  # OpenAI's floor is 10
+    batch_id = finished_batch(http, auth, app, session, questions)
+    corrections = [{"custom_id": cid, "rating": "bad", "corrected": f"Right answer {cid}."} for cid in questions]
+    assert rate(http, auth, batch_id, corrections).status_code == 200
+    file = export(http, auth, batch_id, format=method).json()
+    job = client.fine_tuning.jobs.create(model=BUNDLED_MODEL_ID, training_file=file["id"], method={"type": method})
+    assert job.training_file == file["id"] and job.status in ("validating_files", "queued")
