@@ -12,7 +12,7 @@ from genq.cli import client, embedded, feedback, servers
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="genq: self-hosted, OpenAI-compatible batch generation.")
-for _command in (servers.api, servers.migrate, servers.worker, servers.reaper):
+for _command in (servers.api, servers.migrate, servers.worker, servers.reaper, servers.export):
     app.command()(_command)
 keys_app = typer.Typer(no_args_is_help=True, help="Create, list and revoke API keys.")
 keys_app.command("create")(servers.keys_create)

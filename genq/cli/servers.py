@@ -7,13 +7,14 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from genq.cli.console import EXIT_SYSTEM_FAILURE, console
+from genq.cli.console import EXIT_INVALID_INPUT, EXIT_SYSTEM_FAILURE, console
 from genq.settings import Settings, get_settings
 
 
@@ -215,3 +216,17 @@ def keys_revoke(key: Annotated[str, typer.Argument(help="Key id or prefix.")]) -
         raise typer.Exit(EXIT_SYSTEM_FAILURE)
     console.print(f"revoked {revoked} key(s); API processes refuse it within "
                   f"{get_settings().api_key_cache_seconds:g} s (their key cache)")
+
+def export(model: Annotated[str, typer.Argument(help="A fine-tuned model id (ft:...) or one of its checkpoints.")],
+           merged: Annotated[Path, typer.Option("--merged", help="Directory to write the merged model to.")]) -> None:
+    """Write a fine-tuned model with its adapter merged as a Hugging Face safetensors directory
+    (config.json, model.safetensors, tokenizer files) that transformers and genq both load."""
+    from workers.fine_tuning.serving import export_merged
+    from workers.runtime.errors import ModelLoadError
+
+    try:
+        directory = export_merged(model, merged, get_settings())
+    except ModelLoadError as exc:
+        console.print(f"[red]{exc.path}: {exc.problem}[/]")
+        raise typer.Exit(EXIT_INVALID_INPUT) from None
+    console.print(f"wrote {model} to {directory}")

@@ -92,3 +92,20 @@ def fuse_projections(tensors: dict[str, torch.Tensor], config: ModelConfig) -> d
         out[ff + "w13.weight"] = torch.cat([tensors[ff + "w1.weight"], tensors[ff + "w3.weight"]])
         out[ff + "w2.weight"] = tensors[ff + "w2.weight"]
     return out
+
+
+def unfuse_projections(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """Inverse of fuse_projections: the neutral names, one tensor per projection (for exports)."""
+    out = {k: v for k, v in state.items() if ".attention.w" not in k and ".feed_forward.w" not in k}
+    sizes = [config.q_size, config.kv_size, config.kv_size]
+    for i in range(config.n_layers):
+        att, ff = f"layers.{i}.attention.", f"layers.{i}.feed_forward."
+        for x, part in zip("qkv", state[att + "wqkv.weight"].split(sizes), strict=True):
+            out[att + f"w{x}.weight"] = part
+        if config.qkv_bias:
+            for x, part in zip("qkv", state[att + "wqkv.bias"].split(sizes), strict=True):
+                out[att + f"w{x}.bias"] = part
+        out[att + "wo.weight"] = state[att + "wo.weight"]
+        out[ff + "w1.weight"], out[ff + "w3.weight"] = state[ff + "w13.weight"].chunk(2)
+        out[ff + "w2.weight"] = state[ff + "w2.weight"]
+    return out

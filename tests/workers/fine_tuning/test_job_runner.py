@@ -61,7 +61,7 @@ def _final_valid_loss(settings, job_id) -> float:
         return next(e.data["full_valid_loss"] for e in events if e.type == "metrics" and e.data.get("full_valid_loss"))
 
 
-def test_a_fine_tune_trains_checkpoints_and_serves_its_model(tuning, tenant_id) -> None:
+def test_a_fine_tune_trains_checkpoints_and_serves_its_model(tuning, tenant_id, tmp_path) -> None:
     job_id, shard_id = _create(tuning, tenant_id, epochs=4)
     outcome = run_fine_tune_shard(settings=tuning, shard_id=shard_id, worker_id="w1")
     assert outcome.status == ShardRun.DONE, outcome
@@ -93,7 +93,30 @@ def test_a_fine_tune_trains_checkpoints_and_serves_its_model(tuning, tenant_id) 
     [result] = served.generate([GenerationRequest(request_id="r", prompt_token_ids=prompt,
                                                   params=SamplingParams(temperature=0.0, max_tokens=4))])
     assert len(result.token_ids) >= 1
-    served.loop.close()
+
+    # `genq export --merged`: a Hugging Face directory that genq and transformers load to the same logits.
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tests.workers.runtime.forward import packed_logits
+    from workers.fine_tuning.serving import export_merged, merged_weights
+    from workers.runtime.loader import load_checkpoint, serve_checkpoint
+
+    directory = export_merged(job.fine_tuned_model, tmp_path / "merged", tuning)
+    exported = load_checkpoint(directory)
+    assert exported.render_chat([{"role": "user", "content": "hi"}]) == served.render_chat([{"role": "user",
+                                                                                           "content": "hi"}])
+    checkpoint, state, _ = merged_weights(job.fine_tuned_model, tuning)
+    merged = serve_checkpoint(checkpoint, state, device="cpu", dtype=torch.float32, model_id="m", context_length=256,
+                              engine_config=None)
+    [ours] = packed_logits(merged, [prompt])
+    assert torch.equal(packed_logits(exported, [prompt])[0], ours)
+    hf = AutoModelForCausalLM.from_pretrained(directory, torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        theirs = hf(torch.tensor([prompt])).logits[0]
+    torch.testing.assert_close(theirs, ours, atol=2e-4, rtol=1e-4)
+    for lm in (served, exported, merged):
+        lm.loop.close()
 
 
 def test_a_crashed_attempt_resumes_from_its_last_segment(tuning, tenant_id, monkeypatch) -> None:
