@@ -212,9 +212,14 @@ def _run(settings: Settings, job: _Job, heartbeat: Heartbeat) -> int:
                            early_stopping_patience=settings.fine_tune_early_stopping_patience,
                            row_tokens=max(4096, 2 * data.stats["max_tokens"]))
     trainer = Trainer(model, data, config)
+    before = trainer.evaluate() if first else {}  # step 0 of the validation curve: what training improves on
     with session_scope(url) as session:
         if first:
             _report_preparation(session, job.id, data)
+            if before:
+                start = {"step": 0, "total_steps": trainer.total_steps} | before | {
+                    f"full_{k}": v for k, v in before.items()}
+                add_event(session=session, job_id=job.id, type="metrics", data=start, message=_metrics_message(start))
         if not start_running(session=session, shard_id=job.shard_id, attempt=job.attempt, job_id=job.id,
                              hyperparameters=resolved.as_dict(), total_steps=trainer.total_steps):
             raise LeaseLost if heartbeat.lease_lost.is_set() else Cancelled
@@ -256,10 +261,10 @@ def _report_preparation(session: Any, job_id: str, data: PreparedData) -> None:
 
 
 def _metrics_message(m: dict[str, Any]) -> str:
-    parts = [f"Step {m['step']}/{m['total_steps']}: training loss={m['train_loss']:.4f}"]
+    parts = [f"training loss={m['train_loss']:.4f}"] if "train_loss" in m else []
     if "valid_loss" in m:
         parts.append(f"validation loss={m['valid_loss']:.4f}")
-    return ", ".join(parts)
+    return f"Step {m['step']}/{m['total_steps']}: " + ", ".join(parts)
 
 
 def _save_segment(settings: Settings, store: Store, job: _Job, trainer: Trainer, result: SegmentResult, *,
