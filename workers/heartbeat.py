@@ -6,13 +6,17 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import TypeVar
 
 from sqlalchemy.orm import Session
+from tenacity import Retrying, retry_if_exception, stop_after_delay, stop_any, wait_exponential
 
 from db.leases import renew_lease
 from db.session import session_scope
+from storage.errors import StorageError, StorageKeyNotFound
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class Heartbeat(threading.Thread):
@@ -70,3 +74,18 @@ class Heartbeat(threading.Thread):
     def close(self) -> None:
         self._done.set()
         self.join(timeout=self.interval + 5)
+
+
+def _storage_unreachable(exc: BaseException) -> bool:
+    return isinstance(exc, StorageError) and not isinstance(exc, StorageKeyNotFound)
+
+
+def while_storage_is_down(read: Callable[[], T], heartbeat: Heartbeat, limit: float) -> T:
+    """read(), tried again while storage is unreachable (not for a missing key), for up to limit seconds
+    or until the shard must stop (its heartbeat says so). The heartbeat keeps the lease meanwhile, so an
+    outage of the store costs time, not one of the shard's attempts."""
+    retrying = Retrying(retry=retry_if_exception(_storage_unreachable), wait=wait_exponential(multiplier=0.5, max=5),
+                        stop=stop_any(stop_after_delay(limit), lambda _state: heartbeat.should_stop()),
+                        before_sleep=lambda state: log.warning("storage unreachable, waiting: %s",
+                                                               state.outcome.exception()), reraise=True)
+    return retrying(read)

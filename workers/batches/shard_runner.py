@@ -17,11 +17,9 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
 
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
-from tenacity import Retrying, retry_if_exception, stop_after_delay, stop_any, wait_exponential
 
 from db.batches import batch_runs, batch_should_stop
 from db.leases import (
@@ -37,7 +35,6 @@ from db.models import Batch, RequestOutcome, Shard, ShardStatus
 from db.session import session_scope
 from genq.settings import Settings
 from storage import store_from_settings
-from storage.errors import StorageError, StorageKeyNotFound
 from workers.batches.chat import (
     build_request,
     output_line,
@@ -47,13 +44,12 @@ from workers.batches.chat import (
 from workers.batches.finalize import maybe_finalize
 from workers.batches.request_contract import RequestError
 from workers.batches.shard_files import InputLine, read_shard_lines
-from workers.heartbeat import Heartbeat
+from workers.heartbeat import Heartbeat, while_storage_is_down
 from workers.runtime.errors import ContextLengthError, GenerationFailedError, RequestFailure
 from workers.runtime.types import GenerationRequest, GenerationResult, ServedModel
 from workers.shard_outcome import ShardOutcome, ShardRun
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 ModelLoader = Callable[[str], ServedModel]
 # Called after each stored result with (prompt_tokens, completion_tokens); `genq run` draws progress.
@@ -232,7 +228,7 @@ def run_shard(*, settings: Settings, shard_id: int, worker_id: str,
 def _generate(*, settings: Settings, job: _ShardJob, worker_id: str, model_loader: ModelLoader,
               heartbeat: Heartbeat, on_progress: ProgressCallback | None, outcome: ShardOutcome) -> None:
     store = store_from_settings(settings)
-    lines = _while_storage_is_down(lambda: read_shard_lines(store, job.input_key), heartbeat,
+    lines = while_storage_is_down(lambda: read_shard_lines(store, job.input_key), heartbeat,
                                    settings.storage_outage_seconds)
     with session_scope(settings.resolved_database_url()) as session:
         done = done_custom_ids(session=session, shard_id=job.shard_id)
@@ -269,21 +265,6 @@ def _generate(*, settings: Settings, job: _ShardJob, worker_id: str, model_loade
     elif job.pending and not heartbeat.lease_lost.is_set():
         # The runtime returned without a result for some requests: let another attempt finish them.
         raise RuntimeError(f"{len(job.pending)} requests of shard {job.shard_id} produced no result")
-
-
-def _storage_unreachable(exc: BaseException) -> bool:
-    return isinstance(exc, StorageError) and not isinstance(exc, StorageKeyNotFound)
-
-
-def _while_storage_is_down(read: Callable[[], T], heartbeat: Heartbeat, limit: float) -> T:
-    """read(), tried again while storage is unreachable (not for a missing key), for up to limit seconds
-    or until the shard must stop. The heartbeat keeps the lease meanwhile, so an outage of the store
-    costs time, not one of the shard's attempts."""
-    retrying = Retrying(retry=retry_if_exception(_storage_unreachable), wait=wait_exponential(multiplier=0.5, max=5),
-                        stop=stop_any(stop_after_delay(limit), lambda _state: heartbeat.should_stop()),
-                        before_sleep=lambda state: log.warning("storage unreachable, waiting: %s",
-                                                               state.outcome.exception()), reraise=True)
-    return retrying(read)
 
 
 def _quarantined(job: _ShardJob) -> RequestError:

@@ -15,6 +15,7 @@ import csv
 import io
 import logging
 import time
+from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
@@ -48,7 +49,7 @@ from workers.fine_tuning.hyperparameters import Hyperparameters, resolve_hyperpa
 from workers.fine_tuning.lora import LoraConfig, adapter_files
 from workers.fine_tuning.prepare import PreparedData, prepare
 from workers.fine_tuning.trainer import SegmentResult, Trainer, TrainerConfig
-from workers.heartbeat import Heartbeat
+from workers.heartbeat import Heartbeat, while_storage_is_down
 from workers.registry import get_model
 from workers.runtime.loader import read_checkpoint, resolve_device, resolve_source
 from workers.runtime.model import Transformer, build_model
@@ -59,6 +60,7 @@ log = logging.getLogger(__name__)
 KEPT_CHECKPOINTS = 3
 RESULTS_PURPOSE = "fine-tune-results"
 RESULT_COLUMNS = ("step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy")
+Patient = Callable[[Callable[[], Any]], Any]  # runs a storage call, waiting out an outage
 
 
 class LeaseLost(RuntimeError):
@@ -201,8 +203,11 @@ def _run(settings: Settings, job: _Job, heartbeat: Heartbeat) -> int:
         if not start_preparing(session=session, job_id=job.id):
             raise Cancelled
     model, checkpoint = training_model(settings, job.model)
-    train = _read(store, job.training_key, job.kind)
-    validation = _read(store, job.validation_key, job.kind) if job.validation_key else None
+    def patient(operation):  # storage calls wait out an outage (keeping the lease) instead of crashing
+        return while_storage_is_down(operation, heartbeat, settings.storage_outage_seconds)
+
+    train = patient(lambda: _read(store, job.training_key, job.kind))
+    validation = patient(lambda: _read(store, job.validation_key, job.kind)) if job.validation_key else None
     context = get_model(job.model, settings).context_length
     data = prepare(train, checkpoint.tokenizer, checkpoint.chat_template, validation=validation,
                    max_length=min(context, settings.fine_tune_max_length), seed=job.seed)
@@ -224,7 +229,7 @@ def _run(settings: Settings, job: _Job, heartbeat: Heartbeat) -> int:
                              hyperparameters=resolved.as_dict(), total_steps=trainer.total_steps):
             raise LeaseLost if heartbeat.lease_lost.is_set() else Cancelled
     if job.resume_key:
-        trainer.load_state_bytes(store.get_bytes(job.resume_key))
+        trainer.load_state_bytes(patient(lambda: store.get_bytes(job.resume_key)))
         with session_scope(url) as session:
             add_event(session=session, job_id=job.id, message=f"Resumed from step {trainer.step} of "
                                                                f"{trainer.total_steps} (attempt {job.attempt})")
@@ -233,11 +238,11 @@ def _run(settings: Settings, job: _Job, heartbeat: Heartbeat) -> int:
         began = time.monotonic()
         result = trainer.run_segment(max_seconds=settings.fine_tune_segment_seconds, should_stop=heartbeat.should_stop)
         _stop_if_told(heartbeat)
-        _save_segment(settings, store, job, trainer, result, seconds=time.monotonic() - began,
+        _save_segment(settings, store, job, trainer, result, patient, seconds=time.monotonic() - began,
                       steps=result.step - started_at if result.step > started_at else 1)
         if result.finished:
             break
-    _publish(settings, store, job, trainer)
+    _publish(settings, store, job, trainer, patient)
     return trainer.step - started_at
 
 
@@ -267,12 +272,13 @@ def _metrics_message(m: dict[str, Any]) -> str:
     return f"Step {m['step']}/{m['total_steps']}: " + ", ".join(parts)
 
 
-def _save_segment(settings: Settings, store: Store, job: _Job, trainer: Trainer, result: SegmentResult, *,
-                  seconds: float, steps: int) -> None:
+def _save_segment(settings: Settings, store: Store, job: _Job, trainer: Trainer, result: SegmentResult,
+                  patient: Patient, *, seconds: float, steps: int) -> None:
     """Metrics events, the resumable state (fenced), and the epoch's checkpoint when one ended."""
     url = settings.resolved_database_url()
     key = training_state_key(job.id, trainer.step)
-    store.put_bytes(key, trainer.state_bytes())
+    state = trainer.state_bytes()
+    patient(lambda: store.put_bytes(key, state))
     per_step = seconds / max(1, steps)
     eta = int(time.time() + per_step * (trainer.total_steps - trainer.step)) if not result.finished else None
     with session_scope(url) as session:
@@ -287,17 +293,18 @@ def _save_segment(settings: Settings, store: Store, job: _Job, trainer: Trainer,
             store.delete(job.resume_key)  # only the newest state is needed
     job.resume_key = key
     if result.epoch_completed is not None and not result.finished:
-        _checkpoint(settings, store, job, trainer, result)
+        _checkpoint(settings, store, job, trainer, result, patient)
 
 
-def _put_adapter(store: Store, prefix: str, trainer: Trainer, base: str) -> None:
+def _put_adapter(store: Store, prefix: str, trainer: Trainer, base: str, patient: Patient) -> None:
     for name, data in adapter_files(trainer.adapters, base).items():
-        store.put_bytes(f"{prefix}{name}", data)
+        patient(lambda name=name, data=data: store.put_bytes(f"{prefix}{name}", data))
 
 
-def _checkpoint(settings: Settings, store: Store, job: _Job, trainer: Trainer, result: SegmentResult) -> None:
+def _checkpoint(settings: Settings, store: Store, job: _Job, trainer: Trainer, result: SegmentResult,
+                patient: Patient) -> None:
     prefix = adapter_prefix(job.id, trainer.step)
-    _put_adapter(store, prefix, trainer, job.model)
+    _put_adapter(store, prefix, trainer, job.model, patient)
     last = result.metrics[-1] if result.metrics else {}
     with session_scope(settings.resolved_database_url()) as session:
         add_model(session=session, model_id=f"{job.model_name}:ckpt-step-{trainer.step}", tenant_id=job.tenant_id,
@@ -327,17 +334,17 @@ def results_csv(metrics: list[dict[str, Any]]) -> bytes:
     return out.getvalue().encode()
 
 
-def _publish(settings: Settings, store: Store, job: _Job, trainer: Trainer) -> None:
+def _publish(settings: Settings, store: Store, job: _Job, trainer: Trainer, patient: Patient) -> None:
     """The final adapter, the metrics CSV (a fine-tune-results file), the model row, succeeded."""
     prefix = adapter_prefix(job.id)
-    _put_adapter(store, prefix, trainer, job.model)
+    _put_adapter(store, prefix, trainer, job.model, patient)
     url = settings.resolved_database_url()
     with session_scope(url) as session:
         metrics = [e.data for e in session.scalars(select(FineTuningEvent).where(
             FineTuningEvent.job_id == job.id, FineTuningEvent.type == "metrics").order_by(FineTuningEvent.id))]
     file_id = new_file_id()
     content = results_csv([m for m in metrics if m])
-    store.put_bytes(file_storage_key(file_id), content)
+    patient(lambda: store.put_bytes(file_storage_key(file_id), content))
     with session_scope(url) as session:
         create_file(session=session, tenant_id=job.tenant_id, file_id=file_id, filename="step_metrics.csv",
                     purpose=RESULTS_PURPOSE, size=len(content))

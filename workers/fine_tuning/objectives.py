@@ -1,4 +1,4 @@
-"""Training objectives on a packed row's target logits: SFT cross entropy, DPO's sequence log-ratios.
+"""Training objectives on a packed row's target log-probs: SFT cross entropy, DPO's sequence log-ratios.
 
 SFT is a token mean over the whole optimizer step: each row contributes sum(CE) / (targets in the
 step), so how the step is cut into rows changes nothing but float summation order. DPO (Rafailov et
@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from workers.fine_tuning.packing import PackedBatch
+from workers.fine_tuning.train_forward import TargetLogprobs
 
 
 @dataclass
@@ -26,17 +27,15 @@ class TokenScores:
     count: int  # targets scored
 
 
-def token_scores(logits: torch.Tensor, batch: PackedBatch) -> TokenScores:
-    """Cross entropy summed over the row's targets (logits [N, V] fp32 from target_logits)."""
-    loss_sum = F.cross_entropy(logits, batch.target_ids, reduction="sum")
-    correct = int((logits.detach().argmax(-1) == batch.target_ids).sum())
-    return TokenScores(loss_sum=loss_sum, correct=correct, count=int(batch.target_ids.numel()))
+def token_scores(target: TargetLogprobs) -> TokenScores:
+    """Cross entropy summed over a row's targets."""
+    return TokenScores(loss_sum=-target.logprobs.sum(), correct=int(target.correct.sum()),
+                       count=int(target.logprobs.numel()))
 
 
-def sequence_logprobs(logits: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
-    """[S] fp32: sum over each sequence's targets of log p(target) (logits [N, V] from target_logits)."""
-    picked = -F.cross_entropy(logits, batch.target_ids, reduction="none")  # [N] log p(target)
-    return picked.new_zeros(batch.num_sequences).index_add(0, batch.target_sequence, picked)
+def sequence_logprobs(target: TargetLogprobs, batch: PackedBatch) -> torch.Tensor:
+    """[S] fp32: sum over each sequence's targets of log p(target)."""
+    return target.logprobs.new_zeros(batch.num_sequences).index_add(0, batch.target_sequence, target.logprobs)
 
 
 @dataclass

@@ -20,8 +20,7 @@ class PackedBatch:
     tokens: torch.Tensor  # [T] int64: the sequences back to back
     positions: torch.Tensor  # [T] int64: index of each token in its own sequence (RoPE angle)
     cu_seqlens: torch.Tensor  # [S + 1] int64: sequence s is tokens[cu_seqlens[s]:cu_seqlens[s + 1]]
-    max_seqlen: int  # longest sequence (the width of attention's padded grid)
-    grid_index: torch.Tensor  # [T] int64: s * max_seqlen + position, the token's cell in an [S, max_seqlen] grid
+    seq_lengths: tuple[int, ...]  # [S] tokens of each sequence (host copy of the cu_seqlens differences)
     target_index: torch.Tensor  # [N] int64: tokens whose next token is a target (their logits are scored)
     target_ids: torch.Tensor  # [N] int64: that next token
     target_sequence: torch.Tensor  # [N] int64: the sequence each target belongs to
@@ -68,15 +67,12 @@ def pack_row(sequences: list[tuple[tuple[int, ...], tuple[int, ...]]], device: t
                 target_index.append(base + t - 1)  # the hidden state at t - 1 predicts token t
                 target_ids.append(ids[t])
                 target_sequence.append(s)
-    max_seqlen = max(len(ids) for ids, _ in sequences)
-    sequence_of = [s for s in range(len(sequences)) for _ in range(cu[s + 1] - cu[s])]
-
     def col(values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64, device=device)
 
     return PackedBatch(
-        tokens=col(tokens), positions=col(positions), cu_seqlens=col(cu), max_seqlen=max_seqlen,
-        grid_index=col([s * max_seqlen + p for s, p in zip(sequence_of, positions, strict=True)]),
+        tokens=col(tokens), positions=col(positions), cu_seqlens=col(cu),
+        seq_lengths=tuple(len(ids) for ids, _ in sequences),
         target_index=col(target_index), target_ids=col(target_ids), target_sequence=col(target_sequence),
         num_sequences=len(sequences),
     )

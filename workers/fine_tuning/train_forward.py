@@ -5,13 +5,14 @@ the same modules and the same maths (RMSNorm, RoPE, GQA, SwiGLU) on a PackedBatc
 sequences back to back, positions restarting per sequence, attention causal within each sequence and
 never across (block-diagonal causal). The frozen base weights get no gradient; only the adapters do.
 
-Attention scatters the packed q/k/v [T, H, D] into a zero-padded [S, H, max_seqlen, D] grid and runs
-F.scaled_dot_product_attention(is_causal=True) on it: causality alone keeps every real query away from
-the padding (which sits after a sequence's last token), so no mask tensor is built, and the matmuls of
-the rest of the layer run on the T real tokens only.
+Attention runs causal F.scaled_dot_product_attention on each sequence's slice of the packed q/k/v, so
+no mask tensor and no padding exist anywhere; every matmul runs on the T real tokens only. The output
+head runs at target positions only (target_logprobs), in vocabulary chunks.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -24,21 +25,21 @@ from workers.runtime.model import Attention, FeedForward, Transformer, apply_rop
 
 def packed_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: PackedBatch,
                             sm_scale: float) -> torch.Tensor:
-    """softmax(q k^T * sm_scale + block-diagonal causal mask) v: q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq, D]."""
-    t, hq, d = q.shape
-    s, width = batch.num_sequences, batch.max_seqlen
+    """softmax(q k^T * sm_scale + block-diagonal causal mask) v: q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq, D].
 
-    def grid(x: torch.Tensor) -> torch.Tensor:  # [T, H, D] -> [S, H, max_seqlen, D]
-        if s == 1:
-            return x.transpose(0, 1).unsqueeze(0)
-        cells = x.new_zeros(s * width, x.shape[1], d).index_copy(0, batch.grid_index, x)
-        return cells.view(s, width, x.shape[1], d).transpose(1, 2)
-
-    out = F.scaled_dot_product_attention(grid(q), grid(k), grid(v), is_causal=True, scale=sm_scale,
-                                         enable_gqa=hq != k.shape[1])  # [S, Hq, max_seqlen, D]
-    if s == 1:
-        return out[0].transpose(0, 1)
-    return out.transpose(1, 2).reshape(s * width, hq, d).index_select(0, batch.grid_index)
+    One causal F.scaled_dot_product_attention per sequence on views of the packed tensors (split's backward
+    is one cat, so no padded copy and no zero fill is made either way).
+    """
+    gqa = q.shape[1] != k.shape[1]
+    outs = []
+    for qs, ks, vs in zip(q.split(batch.seq_lengths), k.split(batch.seq_lengths), v.split(batch.seq_lengths),
+                          strict=True):
+        # [1, H, L, D] views: 4-D inputs take the fused (flash) CPU kernel; 3-D ones fall back to bmm + softmax
+        out = F.scaled_dot_product_attention(qs.transpose(0, 1)[None], ks.transpose(0, 1)[None],
+                                             vs.transpose(0, 1)[None], is_causal=True, scale=sm_scale,
+                                             enable_gqa=gqa)  # [1, Hq, L, D]
+        outs.append(out[0].transpose(0, 1))
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 class _Dropout:
@@ -102,9 +103,70 @@ def hidden_states(model: Transformer, batch: PackedBatch, adapters: LoraAdapters
     return model.norm(x)
 
 
-def target_logits(model: Transformer, hidden: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
-    """Logits [N, V] fp32 of the target positions only (the output head is ~20% of a small model's FLOPs)."""
-    return F.linear(hidden.index_select(0, batch.target_index), model.output_weight()).float()
+VOCAB_CHUNK = 4096  # output-head columns per matmul: a [N, 4096] fp32 chunk of logits stays small
+
+
+@dataclass
+class TargetLogprobs:
+    """The model's log-probability of each target token of a packed row."""
+
+    logprobs: torch.Tensor  # [N] fp32: log softmax(logits)[target]; differentiable w.r.t. the hidden states
+    correct: torch.Tensor  # [N] bool: the target is the argmax of its logits
+
+
+class _TargetLogprobsFunction(torch.autograd.Function):
+    """log p(target) of hidden rows [N, d] under the output head W [V, d], without keeping [N, V] logits.
+
+    Forward runs the head over vocabulary chunks and, when a gradient is wanted, folds the backward in at
+    once: d log p_i / d h_i = (onehot(t_i) - softmax(W h_i)) W, a [N, d] Jacobian (each row's log-prob
+    depends on its own hidden state only), so backward is grad[:, None] * J. Same FLOPs as autograd
+    through F.linear + cross_entropy, a fraction of the memory, no [N, V] softmax or zero fill.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        n = hidden.shape[0]
+        h = hidden.to(weight.dtype)
+        starts = range(0, weight.shape[0], chunk)
+        logits = [F.linear(h, weight[s:s + chunk]).float() for s in starts]  # each [N, <= chunk]
+        lse = torch.stack([c.logsumexp(-1) for c in logits], -1).logsumexp(-1)  # [N]
+        rows = torch.arange(n, device=hidden.device)
+        picked = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        best = torch.full((n,), -torch.inf, dtype=torch.float32, device=hidden.device)
+        best_id = torch.zeros(n, dtype=torch.int64, device=hidden.device)
+        for s, c in zip(starts, logits, strict=True):
+            inside = (targets >= s) & (targets < s + c.shape[1])
+            picked[inside] = c[rows[inside], targets[inside] - s]
+            value, index = c.max(-1)
+            better = value > best  # the first maximum wins, as argmax over the whole row
+            best, best_id = torch.where(better, value, best), torch.where(better, index + s, best_id)
+        jacobian = None
+        if ctx.needs_input_grad[0]:
+            jacobian = torch.zeros(n, hidden.shape[1], dtype=torch.float32, device=hidden.device)
+            for s, c in zip(starts, logits, strict=True):
+                probs = c.sub_(lse[:, None]).exp_()  # softmax columns of this chunk, in place
+                inside = (targets >= s) & (targets < s + c.shape[1])
+                probs[rows[inside], targets[inside] - s] -= 1.0  # softmax - onehot
+                jacobian -= (probs.to(weight.dtype) @ weight[s:s + c.shape[1]]).float()
+        ctx.save_for_backward(jacobian)
+        ctx.hidden_dtype = hidden.dtype
+        correct = best_id == targets
+        ctx.mark_non_differentiable(correct)
+        return picked - lse, correct
+
+    @staticmethod
+    def backward(ctx, grad_logprobs: torch.Tensor, _grad_correct: torch.Tensor) -> tuple:
+        (jacobian,) = ctx.saved_tensors
+        return (grad_logprobs[:, None] * jacobian).to(ctx.hidden_dtype), None, None, None
+
+
+def target_logprobs(model: Transformer, hidden: torch.Tensor, batch: PackedBatch, *, chunk: int = VOCAB_CHUNK
+                    ) -> TargetLogprobs:
+    """log p(target) [N] of a row's targets (logits of the target positions only, vocabulary in chunks)."""
+    logprobs, correct = _TargetLogprobsFunction.apply(hidden.index_select(0, batch.target_index),
+                                                      model.output_weight(), batch.target_ids, chunk)
+    return TargetLogprobs(logprobs=logprobs, correct=correct)
 
 
 def all_logits(model: Transformer, hidden: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,8 @@ from workers.fine_tuning.lora import LoraAdapters, LoraConfig
 from workers.fine_tuning.objectives import preference_scores, sequence_logprobs, token_scores
 from workers.fine_tuning.packing import PackedBatch, pack, pack_row, plan_rows
 from workers.fine_tuning.prepare import PreparedData, TokenizedChat, TokenizedPair, sequence_lengths
-from workers.fine_tuning.train_forward import hidden_states, target_logits
+from workers.fine_tuning.train_forward import hidden_states, target_logprobs
+from workers.runtime.host_memory import keep_freed_memory
 from workers.runtime.model import Transformer
 
 STATE_FORMAT = 1
@@ -52,7 +53,9 @@ class TrainerConfig:
     weight_decay: float = 0.0  # AdamW's decoupled weight decay on the adapters
     adam_betas: tuple[float, float] = (0.9, 0.999)
     max_grad_norm: float = 1.0  # the step's gradient is clipped to this global norm
-    row_tokens: int = 4096  # tokens of one packed forward (memory bound); a step may run several rows
+    row_tokens: int = 2048  # tokens of one packed forward (memory bound; at least one example's); a step may
+    #                         run several rows. 2048 keeps a CPU row's largest activation under glibc's 32 MB
+    #                         mmap ceiling, so its buffers are reused from step to step (keep_freed_memory)
     log_every: int = 10  # a metrics dict every this many steps (and at epoch ends and the last step)
     eval_every: int | None = None  # steps between validation passes; None: at epoch ends and the end only
     eval_examples: int = 256  # valid_loss is measured on the first this many validation examples
@@ -82,6 +85,12 @@ def learning_rate_at(step: int, total_steps: int, peak: float, warmup_fraction: 
     return peak * (min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
 
 
+def epoch_order(n_examples: int, seed: int, epoch: int) -> list[int]:
+    """The training examples' order in 0-based epoch: a permutation drawn from seed and epoch alone."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n_examples, generator=generator).tolist()
+
+
 def _chat_sequence(example: TokenizedChat) -> tuple[tuple[int, ...], tuple[int, ...]]:
     return example.input_ids, example.loss_mask
 
@@ -100,15 +109,15 @@ class Trainer:
             raise ValueError(f"the data is prepared for {data.method.value}, the config says {config.method.value}")
         if config.method is Method.DPO and config.hyperparameters.beta is None:
             raise ValueError("DPO needs hyperparameters.beta")
-        longest = max(n for e in data.train + data.validation for n in sequence_lengths(e))
-        need = longest * (2 if config.method is Method.DPO else 1)  # a DPO pair shares one row
-        if need > config.row_tokens:
-            raise ValueError(f"row_tokens={config.row_tokens} cannot hold an example of {need} tokens")
+        longest = max(sum(sequence_lengths(e)) for e in data.train + data.validation)  # a DPO pair shares a row
+        self.row_tokens = max(config.row_tokens, longest)
         self.model = model.requires_grad_(False)
         self.data = data
         self.config = config
         param = model.tok_embeddings.weight
         self.device, self.compute_dtype = param.device, param.dtype
+        if self.device.type == "cpu":
+            keep_freed_memory()  # activations are re-allocated every step: reuse them, don't re-fault them
         self.adapters = LoraAdapters(model.config, config.lora, seed=config.seed, device=self.device)
         h = config.hyperparameters
         self.optimizer = torch.optim.AdamW(self.adapters.parameters(), lr=h.learning_rate, betas=config.adam_betas,
@@ -136,9 +145,7 @@ class Trainer:
         return self.stopped_early or self.step >= self.total_steps
 
     def epoch_order(self, epoch: int) -> list[int]:
-        """The training examples' order in epoch (a permutation drawn from seed and epoch alone)."""
-        generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
-        return torch.randperm(len(self.data.train), generator=generator).tolist()
+        return epoch_order(len(self.data.train), self.config.seed, epoch)
 
     def step_examples(self, step: int) -> list[int]:
         """Indices of the training examples of 0-based step."""
@@ -220,10 +227,10 @@ class Trainer:
         sequences = [_chat_sequence(self.data.train[i]) for i in indices]
         denominator = sum(sum(mask[1:]) for _, mask in sequences)
         loss_sum, correct, tokens = 0.0, 0, 0
-        for _, row in pack(sequences, self.config.row_tokens, self.device):
+        for _, row in pack(sequences, self.row_tokens, self.device):
             with self._autocast():
                 hidden = hidden_states(self.model, row, self.adapters, dropout_generator=self.dropout_generator)
-                scores = token_scores(target_logits(self.model, hidden, row), row)
+                scores = token_scores(target_logprobs(self.model, hidden, row))
             (scores.loss_sum / denominator).backward()
             loss_sum += float(scores.loss_sum.detach())
             correct += scores.correct
@@ -234,7 +241,7 @@ class Trainer:
         """Rows of whole pairs (a pair's two sequences share a row, so its loss is computed in one graph)."""
         lengths = [sum(sequence_lengths(e)) for e in examples]
         return [(row, pack_row([s for j in row for s in _pair_sequences(examples[j])], self.device))
-                for row in plan_rows(lengths, self.config.row_tokens)]
+                for row in plan_rows(lengths, self.row_tokens)]
 
     def _reference(self, examples: list[TokenizedPair], keys: list[str] | None) -> torch.Tensor:
         """[P, 2] reference (base model) log-probs of each pair's replies; with keys, each is computed once
@@ -246,7 +253,7 @@ class Trainer:
             with torch.no_grad(), self._autocast():
                 for row, batch in self._pair_rows([examples[j] for j in missing]):
                     hidden = hidden_states(self.model, batch, None)  # adapters off: the frozen reference
-                    logprobs = sequence_logprobs(target_logits(self.model, hidden, batch), batch).view(-1, 2)
+                    logprobs = sequence_logprobs(target_logprobs(self.model, hidden, batch), batch).view(-1, 2)
                     for r, j in enumerate(row):
                         cached[keys[missing[j]]] = logprobs[r].tolist()
         return torch.tensor([cached[k] for k in keys], dtype=torch.float32, device=self.device)
@@ -259,7 +266,7 @@ class Trainer:
         for row, batch in self._pair_rows(examples):
             with self._autocast():
                 hidden = hidden_states(self.model, batch, self.adapters, dropout_generator=self.dropout_generator)
-                policy = sequence_logprobs(target_logits(self.model, hidden, batch), batch).view(-1, 2)
+                policy = sequence_logprobs(target_logprobs(self.model, hidden, batch), batch).view(-1, 2)
             ref = reference[row]
             scores = preference_scores(policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1], beta)
             (scores.losses.sum() / len(examples)).backward()
@@ -290,9 +297,9 @@ class Trainer:
         with torch.no_grad(), self._autocast():
             if self.config.method is Method.SUPERVISED:
                 loss_sum, correct, count = 0.0, 0, 0
-                for _, row in pack([_chat_sequence(e) for e in examples], self.config.row_tokens, self.device):
+                for _, row in pack([_chat_sequence(e) for e in examples], self.row_tokens, self.device):
                     hidden = hidden_states(self.model, row, self.adapters)
-                    scores = token_scores(target_logits(self.model, hidden, row), row)
+                    scores = token_scores(target_logprobs(self.model, hidden, row))
                     loss_sum += float(scores.loss_sum)
                     correct += scores.correct
                     count += scores.count
@@ -302,7 +309,7 @@ class Trainer:
             loss, correct, margin = 0.0, 0, 0.0
             for row, batch in self._pair_rows(examples):
                 hidden = hidden_states(self.model, batch, self.adapters)
-                policy = sequence_logprobs(target_logits(self.model, hidden, batch), batch).view(-1, 2)
+                policy = sequence_logprobs(target_logprobs(self.model, hidden, batch), batch).view(-1, 2)
                 ref = reference[row]
                 scores = preference_scores(policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1], beta)
                 loss += float(scores.losses.sum())

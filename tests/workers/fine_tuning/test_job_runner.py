@@ -151,8 +151,8 @@ def test_cancel_stops_training_within_a_segment(tuning, tenant_id, monkeypatch) 
     job_id, shard_id = _create(tuning, tenant_id, epochs=20)
     real = job_runner._save_segment
 
-    def cancel_after_the_first(settings, store, job, trainer, result, **kwargs):
-        real(settings, store, job, trainer, result, **kwargs)
+    def cancel_after_the_first(settings, *args, **kwargs):
+        real(settings, *args, **kwargs)
         with session_scope(settings.database_url) as session:
             cancel(session=session, tenant_id=tenant_id, job_id=job_id)
 

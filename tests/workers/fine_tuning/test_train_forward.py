@@ -8,7 +8,7 @@ import torch
 from tests.workers.runtime.forward import packed_logits
 from workers.fine_tuning.lora import LoraAdapters, LoraConfig
 from workers.fine_tuning.packing import pack, pack_row, plan_rows
-from workers.fine_tuning.train_forward import all_logits, hidden_states, target_logits
+from workers.fine_tuning.train_forward import all_logits, hidden_states, target_logprobs
 
 SEQUENCES = [[5, 70, 71, 80, 90, 3, 4, 9, 10, 11, 200, 201, 30, 31, 32, 33, 34], [100, 12, 99, 7], [7], [1, 2, 3, 4, 5]]
 
@@ -53,8 +53,7 @@ def test_gradients_reach_only_the_adapters(tiny_lm):
     model = tiny_lm.model.requires_grad_(False)
     adapters = LoraAdapters(tiny_lm.config, LoraConfig(rank=4, alpha=8))
     batch = pack_row([(tuple(s), (0,) + (1,) * (len(s) - 1)) for s in SEQUENCES])
-    loss = torch.nn.functional.cross_entropy(target_logits(model, hidden_states(model, batch, adapters), batch),
-                                             batch.target_ids)
+    loss = -target_logprobs(model, hidden_states(model, batch, adapters), batch).logprobs.mean()
     loss.backward()
     assert all(p.grad is None for p in model.parameters())
     b_grads = [m.lora_B[t].grad for m in adapters.fused_loras() for t in m.targets]
@@ -62,13 +61,23 @@ def test_gradients_reach_only_the_adapters(tiny_lm):
     assert len(b_grads) == 7 * tiny_lm.config.n_layers
 
 
-def test_target_logits_are_those_positions_of_all_logits(tiny_lm):
+@pytest.mark.parametrize("chunk", [4096, 64, 7])
+def test_target_logprobs_and_their_gradient_equal_autograd_through_all_logits(tiny_lm, chunk):
+    """The chunked output head with its folded-in Jacobian is log_softmax(W h)[target] and its true gradient."""
     batch = pack_row([(tuple(s), tuple(i % 2 for i in range(len(s)))) for s in SEQUENCES])
     with torch.no_grad():
         hidden = hidden_states(tiny_lm.model, batch)
-        picked = target_logits(tiny_lm.model, hidden, batch)
-        every = all_logits(tiny_lm.model, hidden)
-    assert torch.equal(picked, every[batch.target_index])
+    weights = torch.linspace(-1, 2, int(batch.target_ids.numel()))  # any upstream gradient
+    h1 = hidden.clone().requires_grad_(True)
+    target = target_logprobs(tiny_lm.model, h1, batch, chunk=chunk)
+    (target.logprobs * weights).sum().backward()
+    h2 = hidden.clone().requires_grad_(True)
+    reference = all_logits(tiny_lm.model, h2).log_softmax(-1)[batch.target_index, batch.target_ids]
+    (reference * weights).sum().backward()
+    assert (target.logprobs - reference).abs().max() < 1e-5
+    assert (h1.grad - h2.grad).abs().max() < 1e-5
+    every = all_logits(tiny_lm.model, hidden)[batch.target_index]
+    assert torch.equal(target.correct, every.argmax(-1) == batch.target_ids)
     ids = batch.tokens.tolist()
     assert batch.target_ids.tolist() == [ids[i + 1] for i in batch.target_index.tolist()]
 
