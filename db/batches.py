@@ -1,4 +1,10 @@
-"""Batches and their shards as the API sees them: create, read, page, count, cancel, and read results."""
+"""The batch kind's rows: create, read, page, count, read results, and its whole lifecycle.
+
+Every status change of a batch is one conditional UPDATE here: in_progress -> cancelling (request_cancel),
+expired_at set (mark_expired, the reaper), -> finalizing (claim_finalizing, once no shard is active),
+finalizing again after a dead finalizer (reclaim_stale_finalizing), -> the final status
+(finish_finalizing) or failed after repeated failed finalizations (count_finalize_failure).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ from sqlalchemy import ColumnElement, and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from db.ids import sortable_id
+from db.leases import has_active_shards
 from db.models import Batch, BatchStatus, Job, JobKind, RequestOutcome, RequestResult, Shard, ShardStatus
 
 FINAL_STATUSES = (BatchStatus.COMPLETED, BatchStatus.FAILED, BatchStatus.EXPIRED, BatchStatus.CANCELLED)
@@ -194,6 +201,73 @@ def request_cancel(*, session: Session, tenant_id: str, batch_id: str) -> Batch 
     if batch is not None:
         session.refresh(batch)
     return batch
+
+
+# --- the lifecycle's other transitions (the reaper's and the finalizer's), each one conditional UPDATE ---
+
+
+def mark_expired(*, session: Session, batch_id: str, now: int) -> bool:
+    """in_progress past its window -> expired_at set (its running shards stop at their next heartbeat)."""
+    return session.execute(update(Batch).where(Batch.id == batch_id, Batch.expired_at.is_(None),
+                                               Batch.status == BatchStatus.IN_PROGRESS)
+                           .values(expired_at=now)).rowcount == 1
+
+
+def claim_finalizing(*, session: Session, batch_id: str) -> bool:
+    """in_progress or cancelling with no queued or running shard -> finalizing; True for the one caller
+    that moved it (that caller writes the files)."""
+    return session.execute(
+        update(Batch)
+        .where(Batch.id == batch_id, Batch.status.in_([BatchStatus.IN_PROGRESS, BatchStatus.CANCELLING]),
+               ~has_active_shards(Batch.id))
+        .values(status=BatchStatus.FINALIZING, finalizing_at=int(time.time()))
+    ).rowcount == 1
+
+
+def reclaim_stale_finalizing(*, session: Session, batch_id: str, older_than_seconds: float) -> bool:
+    """A batch finalizing for older_than_seconds (its finalizer died) is claimed again by this caller."""
+    now = int(time.time())
+    return session.execute(
+        update(Batch).where(Batch.id == batch_id, Batch.status == BatchStatus.FINALIZING,
+                            Batch.finalizing_at < now - older_than_seconds)
+        .values(finalizing_at=now)
+    ).rowcount == 1
+
+
+def count_finalize_failure(*, session: Session, batch_id: str, error: str, max_attempts: int) -> int | None:
+    """Counts a failed finalization; at max_attempts the batch is failed with finalize_failed (its finished
+    lines stay readable through /partial). Returns the count, None if the batch is not finalizing."""
+    failures = session.execute(
+        update(Batch).where(Batch.id == batch_id, Batch.status == BatchStatus.FINALIZING)
+        .values(finalize_failures=Batch.finalize_failures + 1).returning(Batch.finalize_failures)).scalar()
+    if failures is not None and failures >= max_attempts:
+        session.execute(update(Batch).where(Batch.id == batch_id, Batch.status == BatchStatus.FINALIZING).values(
+            status=BatchStatus.FAILED, failed_at=int(time.time()), errors={"object": "list", "data": [{
+                "code": "finalize_failed", "line": None, "param": None,
+                "message": f"writing the output files failed {failures} times ({error}; the deployment's "
+                           f"logs hold the details). Finished lines stay readable at "
+                           f"GET /v1/batches/{batch_id}/partial."}]}))
+    return failures
+
+
+def finish_finalizing(*, session: Session, batch: Batch, output_file_id: str | None, error_file_id: str | None,
+                      usage: dict[str, Any], succeeded: int, failed_shards: int, now: int) -> BatchStatus | None:
+    """finalizing -> the final status: cancelled (cancel requested), expired (window passed), failed (shards
+    failed and nothing succeeded), else completed; with its files and usage. None: another finalizer won."""
+    values: dict[str, Any] = {"output_file_id": output_file_id, "error_file_id": error_file_id, "usage": usage}
+    if batch.cancelling_at is not None:
+        values.update(status=BatchStatus.CANCELLED, cancelled_at=now)
+    elif batch.expired_at is not None:
+        values.update(status=BatchStatus.EXPIRED)
+    elif failed_shards and not succeeded:
+        values.update(status=BatchStatus.FAILED, failed_at=now, errors={"object": "list", "data": [{
+            "code": "worker_failed", "line": None, "param": None,
+            "message": f"{failed_shards} shard(s) failed after retries; see the error file"}]})
+    else:
+        values.update(status=BatchStatus.COMPLETED, completed_at=now)
+    won = session.execute(update(Batch).where(Batch.id == batch.id, Batch.status == BatchStatus.FINALIZING)
+                          .values(**values)).rowcount == 1
+    return values["status"] if won else None
 
 
 def result_page(*, session: Session, batch_id: str, outcome: RequestOutcome, after_id: int = 0,

@@ -20,12 +20,18 @@ import tempfile
 import time
 from typing import Any
 
-from sqlalchemy import and_, func, select, update
+from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from db.batches import usage_body
-from db.leases import ResultRow, cancel_queued_shards, has_active_shards, record_unfenced_results
+from db.batches import (
+    claim_finalizing,
+    count_finalize_failure,
+    finish_finalizing,
+    reclaim_stale_finalizing,
+    usage_body,
+)
+from db.leases import ResultRow, cancel_queued_shards, record_unfenced_results
 from db.models import Batch, BatchStatus, File, RequestOutcome, RequestResult, Shard, ShardStatus
 from db.session import insert_ignoring_conflicts, session_scope
 from genq.settings import Settings
@@ -56,12 +62,7 @@ def maybe_finalize(settings: Settings, batch_id: str) -> bool:
             return False
         if row.status == BatchStatus.CANCELLING or row.expired_at is not None:
             cancel_queued_shards(session=session, job_id=batch_id)
-        active = has_active_shards(Batch.id)
-        claimed = session.execute(
-            update(Batch)
-            .where(Batch.id == batch_id, Batch.status.in_([BatchStatus.IN_PROGRESS, BatchStatus.CANCELLING]), ~active)
-            .values(status=BatchStatus.FINALIZING, finalizing_at=int(_now()))
-        ).rowcount == 1
+        claimed = claim_finalizing(session=session, batch_id=batch_id)
     if claimed:
         _finalize_or_give_up(settings, batch_id)
     return claimed
@@ -69,13 +70,8 @@ def maybe_finalize(settings: Settings, batch_id: str) -> bool:
 
 def refinalize_stale(settings: Settings, batch_id: str, older_than_seconds: float) -> bool:
     """Finalizes again a batch whose finalizer died mid-way (still finalizing after older_than_seconds)."""
-    now = int(_now())
     with session_scope(settings.resolved_database_url()) as session:
-        claimed = session.execute(
-            update(Batch).where(Batch.id == batch_id, Batch.status == BatchStatus.FINALIZING,
-                                Batch.finalizing_at < now - older_than_seconds)
-            .values(finalizing_at=now)
-        ).rowcount == 1
+        claimed = reclaim_stale_finalizing(session=session, batch_id=batch_id, older_than_seconds=older_than_seconds)
     if claimed:
         _finalize_or_give_up(settings, batch_id)
     return claimed
@@ -94,16 +90,9 @@ def _finalize_or_give_up(settings: Settings, batch_id: str) -> None:
             return
         error = type(exc).__name__  # the tenant reads batch.errors: no SQL, keys or paths from the message
     with session_scope(settings.resolved_database_url()) as session:
-        failures = session.execute(
-            update(Batch).where(Batch.id == batch_id, Batch.status == BatchStatus.FINALIZING)
-            .values(finalize_failures=Batch.finalize_failures + 1).returning(Batch.finalize_failures)).scalar()
+        failures = count_finalize_failure(session=session, batch_id=batch_id, error=error,
+                                          max_attempts=settings.max_attempts)
         if failures is not None and failures >= settings.max_attempts:
-            session.execute(update(Batch).where(Batch.id == batch_id, Batch.status == BatchStatus.FINALIZING).values(
-                status=BatchStatus.FAILED, failed_at=int(_now()), errors={"object": "list", "data": [{
-                    "code": "finalize_failed", "line": None, "param": None,
-                    "message": f"writing the output files failed {failures} times ({error}; the deployment's "
-                               f"logs hold the details). Finished lines stay readable at "
-                               f"GET /v1/batches/{batch_id}/partial."}]}))
             log.error("batch %s failed: its finalization failed %d times", batch_id, failures)
 
 
@@ -191,24 +180,11 @@ def finalize_batch(settings: Settings, batch_id: str) -> None:
         ).one()
         failed_shards = session.scalar(select(func.count(Shard.id)).where(
             Shard.job_id == batch_id, Shard.status == ShardStatus.FAILED)) or 0
-        values: dict[str, Any] = {
-            "output_file_id": files["output"], "error_file_id": files["errors"],
-            "usage": usage_body(input_tokens=int(prompt_tokens), output_tokens=int(completion_tokens)),
-        }
-        if batch.cancelling_at is not None:
-            values.update(status=BatchStatus.CANCELLED, cancelled_at=created)
-        elif batch.expired_at is not None:
-            values.update(status=BatchStatus.EXPIRED)
-        elif failed_shards and not succeeded:
-            values.update(status=BatchStatus.FAILED, failed_at=created, errors={"object": "list", "data": [{
-                "code": "worker_failed", "line": None, "param": None,
-                "message": f"{failed_shards} shard(s) failed after retries; see the error file"}]})
-        else:
-            values.update(status=BatchStatus.COMPLETED, completed_at=created)
-        won = session.execute(
-            update(Batch).where(and_(Batch.id == batch_id, Batch.status == BatchStatus.FINALIZING)).values(**values)
-        ).rowcount == 1
-        if not won:
+        status = finish_finalizing(
+            session=session, batch=batch, output_file_id=files["output"], error_file_id=files["errors"],
+            usage=usage_body(input_tokens=int(prompt_tokens), output_tokens=int(completion_tokens)),
+            succeeded=int(succeeded), failed_shards=failed_shards, now=created)
+        if status is None:
             session.rollback()
             return
-    log.info("batch %s finalized: %s", batch_id, values["status"])
+    log.info("batch %s finalized: %s", batch_id, status)

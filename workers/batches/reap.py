@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import time
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 
+from db.batches import mark_expired
 from db.leases import cancel_queued_shards, has_active_shards
 from db.models import Batch, BatchStatus
 from db.session import session_scope
@@ -25,10 +26,7 @@ def reap_batches(settings: Settings, report: ReapReport) -> None:
             Batch.status == BatchStatus.IN_PROGRESS, Batch.expires_at.is_not(None), Batch.expires_at < now,
             Batch.expired_at.is_(None))).all()
         for batch_id in expiring:
-            marked = session.execute(update(Batch).where(Batch.id == batch_id, Batch.expired_at.is_(None),
-                                                         Batch.status == BatchStatus.IN_PROGRESS)
-                                     .values(expired_at=now)).rowcount
-            if marked:
+            if mark_expired(session=session, batch_id=batch_id, now=now):
                 cancel_queued_shards(session=session, job_id=batch_id)
                 report.expired_batches.append(batch_id)
 
