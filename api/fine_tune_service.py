@@ -68,7 +68,7 @@ def create_fine_tune(*, session: Session, store: Store, settings: Settings, tena
                                    param="validation_file")
         try:
             check_validation_format(method.type, validation)
-            read_training_file(validation, method.type)
+            read_training_file(validation, method.type, min_examples=1)
         except TrainingFileError as exc:
             raise _file_error(exc, "validation_file", "validation") from None
     stored_method = {"type": method.type, method.type: {"hyperparameters": method.hyperparameters().model_dump(

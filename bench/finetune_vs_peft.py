@@ -111,10 +111,12 @@ def run_genq(workload: dict, bf16: bool) -> dict:
     from workers.runtime.model import build_model
     from workers.runtime.weights import fuse_projections
 
-    checkpoint = read_checkpoint(workload["model_dir"])
-    state = fuse_projections(checkpoint.tensors, checkpoint.config)
-    dtype = torch.bfloat16 if bf16 else torch.float32
-    model = build_model(checkpoint.config, state, torch.device("cpu"), dtype)
+    def load(dtype: torch.dtype):
+        checkpoint = read_checkpoint(workload["model_dir"])  # dropped once built: only the model stays
+        return build_model(checkpoint.config, fuse_projections(checkpoint.tensors, checkpoint.config),
+                           torch.device("cpu"), dtype)
+
+    model = load(torch.bfloat16 if bf16 else torch.float32)
 
     def chats(rows: list[dict]) -> list[TokenizedChat]:
         return [TokenizedChat(tuple(r["ids"]), tuple(r["mask"])) for r in rows]
@@ -144,7 +146,7 @@ def run_genq(workload: dict, bf16: bool) -> dict:
            "train_losses": train_losses}
     if bf16:  # the same adapters on the fp32 base weights
         del model, trainer.model
-        fp32 = build_model(checkpoint.config, state, torch.device("cpu"), torch.float32)
+        fp32 = load(torch.float32)
         loss_sum, count = 0.0, 0
         with torch.no_grad():
             for _, row in pack([(e.input_ids, e.loss_mask) for e in data.validation], 4096):

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from workers.batches.request_contract import RequestError, parse_body
-from workers.fine_tuning.data import TrainingFileError, _preference_example, _supervised_example
+from workers.fine_tuning.data import Method, TrainingFileError, check_example
 
 GOOD_SCORE, BAD_SCORE = 5, 1
 ACCEPTED_SCORE = 4  # supervised keeps an uncorrected output rated at least this
@@ -173,9 +173,8 @@ def training_jsonl(examples: list[dict[str, Any]]) -> bytes:
 def _refusal(example: dict[str, Any], export_format: ExportFormat) -> str | None:
     """The fine-tuning contract's objection to one example, or None when it accepts it."""
     # The per-line checks of workers.fine_tuning.data.read_training_file (which needs a whole file).
-    check = _preference_example if export_format == ExportFormat.DPO else _supervised_example
     try:
-        check(example, 1)
+        check_example(example, Method.DPO if export_format == ExportFormat.DPO else Method.SUPERVISED)
     except TrainingFileError as error:
         return error.message.removeprefix("line 1: ")
     return None

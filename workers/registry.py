@@ -34,6 +34,11 @@ class ModelSpec:
     base: str | None = None  # fine-tuned models: the base model id the adapter applies to
 
     @property
+    def kind(self) -> str:
+        """"base" (weights of its own) or "fine_tuned" (an adapter on a base); image models will be a third."""
+        return "fine_tuned" if self.base else "base"
+
+    @property
     def serving_model(self) -> str:
         """The model whose workers run this one (and whose queue its shards go to)."""
         return self.base or self.id

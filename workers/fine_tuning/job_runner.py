@@ -174,9 +174,9 @@ def _release(settings: Settings, job: _Job, error: str) -> ShardOutcome:
     return ShardOutcome(shard_id=job.shard_id, status=ShardRun.FAILED, attempt=job.attempt, error=error)
 
 
-def _read(store: Store, key: str, method: Method) -> TrainingFile:
+def _read(store: Store, key: str, method: Method, min_examples: int = 10) -> TrainingFile:
     with store.open_stream(key) as stream:
-        return read_training_file(stream.read().splitlines(), method)
+        return read_training_file(stream.read().splitlines(), method, min_examples=min_examples)
 
 
 def training_model(settings: Settings, base_model: str) -> tuple[Transformer, Any]:
@@ -207,7 +207,8 @@ def _run(settings: Settings, job: _Job, heartbeat: Heartbeat) -> int:
         return while_storage_is_down(operation, heartbeat, settings.storage_outage_seconds)
 
     train = patient(lambda: _read(store, job.training_key, job.kind))
-    validation = patient(lambda: _read(store, job.validation_key, job.kind)) if job.validation_key else None
+    validation = (patient(lambda: _read(store, job.validation_key, job.kind, min_examples=1))
+                  if job.validation_key else None)
     context = get_model(job.model, settings).context_length
     data = prepare(train, checkpoint.tokenizer, checkpoint.chat_template, validation=validation,
                    max_length=min(context, settings.fine_tune_max_length), seed=job.seed)

@@ -3,7 +3,8 @@
 80 of the 216 training examples (the other 24 of the file are the seeded validation split), one epoch
 of 20 steps of 4, rank 8 on every projection, fp32 on the CPU. Then the merged model, served by the
 runtime's engine, writes greedy copy for 12 products whose brands and titles the file never names.
-About two minutes on 2 CPU cores.
+Measured on 2 shared CPU cores: 89 s for the test (52 s of it training), 270 s while another process
+competed for the cores.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from workers.fine_tuning.lora import LoraConfig, merge_into
 from workers.fine_tuning.prepare import prepare
 from workers.fine_tuning.trainer import Trainer, TrainerConfig
 from workers.registry import bundled_gguf_path
+from workers.runtime.chat_template import render_chat_template
 from workers.runtime.engine import Engine, EngineConfig
 from workers.runtime.loader import read_checkpoint
 from workers.runtime.model import build_model
@@ -59,8 +61,6 @@ def signed_copies(model, checkpoint) -> tuple[int, list[str]]:
     tokenizer = checkpoint.tokenizer
     engine = Engine(model, tokenizer, context_length=2048, cache_key="brand-voice",
                     config=EngineConfig(kv_cache_bytes=64 << 20))
-    from workers.runtime.chat_template import render_chat_template
-
     requests = []
     for product in HELD_OUT:
         text = render_chat_template(checkpoint.chat_template, product_chat(*product), add_generation_prompt=True,
