@@ -71,8 +71,9 @@ def create_fine_tune(*, session: Session, store: Store, settings: Settings, tena
             read_training_file(validation, method.type, min_examples=1)
         except TrainingFileError as exc:
             raise _file_error(exc, "validation_file", "validation") from None
+    dpo_only = {"beta", "chosen_nll_weight"} if method.type == "supervised" else set()
     stored_method = {"type": method.type, method.type: {"hyperparameters": method.hyperparameters().model_dump(
-        exclude={"beta"} if method.type == "supervised" else set())}, "lora": body.lora.model_dump()}
+        exclude=dpo_only)}, "lora": body.lora.model_dump()}
     seed = body.seed if body.seed is not None else secrets.randbelow(2_147_483_648)
     return add_fine_tune(session=session, job_id=new_fine_tune_id(), tenant_id=tenant_id, model=body.model,
                          training_file=body.training_file, validation_file=body.validation_file,

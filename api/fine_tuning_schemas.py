@@ -20,6 +20,8 @@ class Hyperparameters(BaseModel):
     batch_size: Auto | int = Field("auto", ge=1, le=256)
     learning_rate_multiplier: Auto | float = Field("auto", gt=0, le=100)
     beta: Auto | float = Field("auto", gt=0, le=2)  # DPO only
+    # genq extension, DPO only: weight of the chosen replies' NLL added to the DPO loss (RPO; 0: textbook DPO)
+    chosen_nll_weight: float = Field(0.0, ge=0, le=10)
 
 
 class MethodDetail(BaseModel):

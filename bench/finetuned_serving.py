@@ -78,8 +78,8 @@ def main() -> None:
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
 
     def requests(lm, part: list) -> list:
-        return [GenerationRequest(request_id=line["custom_id"], prompt_token_ids=lm.render_chat(line["body"]["messages"]),
-                                  params=params) for line in part]
+        return [GenerationRequest(request_id=line["custom_id"], params=params,
+                                  prompt_token_ids=lm.render_chat(line["body"]["messages"])) for line in part]
 
     half = len(lines) // 2
     run([(base, requests(base, lines[:8]))])  # warm-up: first-call costs out of the timed rows

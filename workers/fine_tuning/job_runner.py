@@ -212,9 +212,12 @@ def _run(settings: Settings, job: _Job, heartbeat: Heartbeat) -> int:
     context = get_model(job.model, settings).context_length
     data = prepare(train, checkpoint.tokenizer, checkpoint.chat_template, validation=validation,
                    max_length=min(context, settings.fine_tune_max_length), seed=job.seed)
-    requested = Hyperparameters(**job.method[job.kind.value]["hyperparameters"])
+    requested = dict(job.method[job.kind.value]["hyperparameters"])
+    chosen_nll_weight = float(requested.pop("chosen_nll_weight", 0.0))  # genq's DPO extension (RPO)
+    requested = Hyperparameters(**requested)
     resolved = resolve_hyperparameters(requested, len(data.train), job.kind)
     config = TrainerConfig(method=job.kind, hyperparameters=resolved, lora=lora_config(job.method), seed=job.seed,
+                           chosen_nll_weight=chosen_nll_weight if job.kind is Method.DPO else 0.0,
                            early_stopping_patience=settings.fine_tune_early_stopping_patience,
                            row_tokens=max(4096, 2 * data.stats["max_tokens"]))
     trainer = Trainer(model, data, config)

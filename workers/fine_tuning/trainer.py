@@ -60,6 +60,10 @@ class TrainerConfig:
     eval_every: int | None = None  # steps between validation passes; None: at epoch ends and the end only
     eval_examples: int = 256  # valid_loss is measured on the first this many validation examples
     early_stopping_patience: int | None = None  # validation passes without a lower valid_loss before stopping
+    # DPO only: weight of the chosen replies' token-mean NLL added to the DPO loss (RPO, Pang et al. 2024;
+    # TRL's rpo_alpha). 0 is textbook DPO; with small models and few pairs, DPO alone lowers the chosen
+    # replies' likelihood too and greedy text degenerates, which this term prevents.
+    chosen_nll_weight: float = 0.0
 
 
 @dataclass
@@ -269,7 +273,11 @@ class Trainer:
                 policy = sequence_logprobs(target_logprobs(self.model, hidden, batch), batch).view(-1, 2)
             ref = reference[row]
             scores = preference_scores(policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1], beta)
-            (scores.losses.sum() / len(examples)).backward()
+            objective = scores.losses.sum()
+            if self.config.chosen_nll_weight:  # RPO: + w * mean NLL of each chosen reply's tokens
+                targets = torch.bincount(batch.target_sequence, minlength=batch.num_sequences).view(-1, 2)[:, 0]
+                objective = objective + self.config.chosen_nll_weight * (-policy[:, 0] / targets.clamp(min=1)).sum()
+            (objective / len(examples)).backward()
             loss += float(scores.losses.detach().sum())
             correct += int((scores.chosen_rewards > scores.rejected_rewards).sum())
             margin += float((scores.chosen_rewards - scores.rejected_rewards).sum())
