@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from api.errors import InvalidRequest
 from db.feedback import RatedResult, ratings_with_results
-from db.files import create_file, file_storage_key, new_file_id
+from db.files import FINE_TUNE_PURPOSE, create_file, file_storage_key, new_file_id
 from db.models import Batch, File
 from genq.feedback_export import (
     ExportFormat,
@@ -27,8 +27,6 @@ from genq.feedback_export import (
 from genq.settings import Settings
 from storage import StorageError, Store
 from workers.batches.shard_files import read_shard_lines
-
-FINE_TUNE_PURPOSE = "fine-tune"
 
 
 def export_feedback_file(*, session: Session, store: Store, settings: Settings, batch: Batch,

@@ -19,14 +19,23 @@ from api.errors import InvalidRequest, no_such
 from api.schemas import FileDeleted, FileList, FileObject
 from api.upload_limits import JsonlLimits
 from api.uploads import receive_upload
-from db.files import create_file, delete_file, file_storage_key, get_file, list_files, new_file_id
+from db.files import (
+    BATCH_PURPOSE,
+    FINE_TUNE_PURPOSE,
+    create_file,
+    delete_file,
+    file_storage_key,
+    get_file,
+    list_files,
+    new_file_id,
+)
 from db.models import File
 from genq.json_guard import MAX_JSON_DEPTH
 from storage import StorageError
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["files"])
-UPLOAD_PURPOSES = ("batch", "fine-tune")
+UPLOAD_PURPOSES = (BATCH_PURPOSE, FINE_TUNE_PURPOSE)
 MIN_EXPIRY_SECONDS, MAX_EXPIRY_SECONDS = 3600, 2_592_000
 UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
     "type": "object", "required": ["file", "purpose"], "properties": {

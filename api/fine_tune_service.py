@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from api.errors import InvalidRequest, no_such
 from api.fine_tuning_schemas import CreateFineTuningJobRequest
-from db.files import get_file
+from db.files import FINE_TUNE_PURPOSE, get_file
 from db.fine_tuning import add_fine_tune, new_fine_tune_id
 from db.models import FineTuningJob, Shard
 from genq.settings import Settings
@@ -24,13 +24,6 @@ from storage import Store
 from workers.dispatch import queue_for_model
 from workers.fine_tuning.data import TrainingFileError, check_validation_format, read_training_file
 from workers.registry import list_models
-
-FINE_TUNE_PURPOSE = "fine-tune"
-
-
-def _lines(store: Store, key: str) -> list[bytes]:
-    with store.open_stream(key) as stream:
-        return stream.read().splitlines()
 
 
 def _checked_file(*, session: Session, store: Store, tenant_id: str, file_id: str, param: str) -> list[bytes]:
@@ -40,7 +33,7 @@ def _checked_file(*, session: Session, store: Store, tenant_id: str, file_id: st
     if file.purpose != FINE_TUNE_PURPOSE:
         raise InvalidRequest(f"file {file_id!r} has purpose {file.purpose!r}; a fine-tune needs 'fine-tune'",
                              param=param, code="invalid_file_purpose")
-    return _lines(store, file.storage_key)
+    return store.get_bytes(file.storage_key).splitlines()
 
 
 def _file_error(error: TrainingFileError, param: str, which: str) -> InvalidRequest:

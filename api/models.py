@@ -12,7 +12,7 @@ from api.errors import InvalidRequest, NotFound
 from api.schemas import ModelDeleted, ModelList, ModelObject
 from db.fine_tuning import delete_model, tenant_model
 from storage import StorageError
-from workers.registry import models_for_tenant
+from workers.registry import list_models, models_for_tenant
 
 router = APIRouter(prefix="/v1", tags=["models"])
 
@@ -38,11 +38,12 @@ def retrieve_model(model_id: str, tenant_id: TenantDep, session: SessionDep, set
 
 
 @router.delete("/models/{model_id:path}", response_model=ModelDeleted)
-def remove_model(model_id: str, tenant_id: TenantDep, session: SessionDep, store: StoreDep) -> ModelDeleted:
+def remove_model(model_id: str, tenant_id: TenantDep, session: SessionDep, settings: SettingsDep,
+                 store: StoreDep) -> ModelDeleted:
     """Deletes the tenant's fine-tuned model and its adapter; base models cannot be deleted (400)."""
     row = tenant_model(session=session, tenant_id=tenant_id, model_id=model_id)
     if row is None:
-        if any(spec.id == model_id for spec in models_for_tenant(session, tenant_id)):
+        if any(spec.id == model_id for spec in list_models(settings)):
             raise InvalidRequest(f"'{model_id}' is a base model of this deployment; only fine-tuned models can "
                                  "be deleted", param="model", code="model_not_deletable")
         raise _not_found(model_id)

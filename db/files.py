@@ -12,6 +12,12 @@ from db.ids import sortable_id
 from db.models import File
 from storage.keys import file_key
 
+# File purposes: what users upload, and what genq writes for them.
+BATCH_PURPOSE = "batch"
+FINE_TUNE_PURPOSE = "fine-tune"
+BATCH_OUTPUT_PURPOSE = "batch_output"
+FINE_TUNE_RESULTS_PURPOSE = "fine-tune-results"
+
 
 def new_file_id() -> str:
     """A fresh file id, "file-" + 24 hex digits: milliseconds then random, so ids sort by creation."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, delete, or_, select, update
+from sqlalchemy import ColumnElement, delete, select, update
 from sqlalchemy.orm import Session
 
 from db.ids import sortable_id
@@ -75,9 +75,11 @@ def list_fine_tunes(*, session: Session, tenant_id: str, after: str | None, limi
     query = select(FineTuningJob).where(FineTuningJob.tenant_id == tenant_id)
     if after:
         query = query.where(FineTuningJob.id < after)  # ids sort by creation
-    rows = list(session.scalars(query.order_by(FineTuningJob.id.desc())))
-    if metadata:
-        rows = [r for r in rows if all((r.metadata_ or {}).get(k) == v for k, v in metadata.items())]
+    query = query.order_by(FineTuningJob.id.desc())
+    if not metadata:
+        rows = list(session.scalars(query.limit(limit + 1)))
+    else:  # JSON comparison differs between SQLite and PostgreSQL: filtered here, over the tenant's jobs
+        rows = [r for r in session.scalars(query) if all((r.metadata_ or {}).get(k) == v for k, v in metadata.items())]
     return rows[:limit], len(rows) > limit
 
 
@@ -222,5 +224,5 @@ def orphaned_active_jobs(*, session: Session) -> list[tuple[str, str | None]]:
     rows = session.execute(
         select(FineTuningJob.id, Shard.last_error).join(Shard, Shard.job_id == FineTuningJob.id)
         .where(FineTuningJob.status.in_(ACTIVE_STATUSES),
-               or_(Shard.status == ShardStatus.FAILED, and_(Shard.status == ShardStatus.CANCELLED)))).all()
+               Shard.status.in_((ShardStatus.FAILED, ShardStatus.CANCELLED)))).all()
     return [(job_id, error) for job_id, error in rows]

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session
 
+from db.fine_tuning import tenant_models
 from genq.settings import Settings, get_settings
 
 BUNDLED_MODEL_ID = "smollm2-135m-instruct"
@@ -78,8 +79,6 @@ def is_fine_tuned(model_id: str) -> bool:
 def models_for_tenant(session: Session, tenant_id: str, settings: Settings | None = None, *,
                       checkpoints: bool = True) -> list[ModelSpec]:
     """The base models, then the tenant's fine-tuned models (and their checkpoints, unless told not to)."""
-    from db.fine_tuning import tenant_models
-
     bases = list_models(settings)
     context = {spec.id: spec.context_length for spec in bases}
     tuned = [ModelSpec(id=row.id, source=f"adapter:{row.adapter_key}", context_length=context.get(row.base_model, 0),

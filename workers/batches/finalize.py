@@ -31,6 +31,7 @@ from db.batches import (
     reclaim_stale_finalizing,
     usage_body,
 )
+from db.files import BATCH_OUTPUT_PURPOSE
 from db.leases import ResultRow, cancel_queued_shards, record_unfenced_results
 from db.models import Batch, BatchStatus, File, RequestOutcome, RequestResult, Shard, ShardStatus
 from db.session import insert_ignoring_conflicts, session_scope
@@ -42,7 +43,6 @@ from workers.batches.shard_files import read_shard_lines
 
 log = logging.getLogger(__name__)
 
-OUTPUT_PURPOSE = "batch_output"
 MISSING_REASONS = {
     "batch_cancelled": "This request was not executed because the batch was cancelled.",
     "batch_expired": "This request could not be executed before the completion window expired.",
@@ -171,7 +171,7 @@ def finalize_batch(settings: Settings, batch_id: str) -> None:
                 continue
             file_id = output_file_id(batch_id, kind)
             _insert_file(session, id=file_id, tenant_id=batch.tenant_id, filename=f"{batch_id}_{kind}.jsonl",
-                         purpose=OUTPUT_PURPOSE, bytes=size, created_at=created, expires_at=None, storage_key=key)
+                         purpose=BATCH_OUTPUT_PURPOSE, bytes=size, created_at=created, expires_at=None, storage_key=key)
             files[kind] = file_id
         succeeded, prompt_tokens, completion_tokens = session.execute(  # the shards' counters (db/leases.py)
             select(func.coalesce(func.sum(Shard.succeeded), 0), func.coalesce(func.sum(Shard.prompt_tokens), 0),

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from sqlalchemy import select
 
-from db.files import create_file, file_storage_key, new_file_id
+from db.files import FINE_TUNE_RESULTS_PURPOSE, create_file, file_storage_key, new_file_id
 from db.fine_tuning import (
     ACTIVE_STATUSES,
     add_event,
@@ -50,7 +50,7 @@ from workers.fine_tuning.lora import LoraConfig, adapter_files
 from workers.fine_tuning.prepare import PreparedData, prepare
 from workers.fine_tuning.trainer import SegmentResult, Trainer, TrainerConfig
 from workers.heartbeat import Heartbeat, while_storage_is_down
-from workers.registry import get_model
+from workers.registry import ModelSpec, get_model
 from workers.runtime.loader import read_checkpoint, resolve_device, resolve_source
 from workers.runtime.model import Transformer, build_model
 from workers.runtime.weights import fuse_projections
@@ -58,7 +58,6 @@ from workers.shard_outcome import ShardOutcome, ShardRun
 
 log = logging.getLogger(__name__)
 KEPT_CHECKPOINTS = 3
-RESULTS_PURPOSE = "fine-tune-results"
 RESULT_COLUMNS = ("step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy")
 Patient = Callable[[Callable[[], Any]], Any]  # runs a storage call, waiting out an outage
 
@@ -175,17 +174,17 @@ def _release(settings: Settings, job: _Job, error: str) -> ShardOutcome:
 
 
 def _read(store: Store, key: str, method: Method, min_examples: int = 10) -> TrainingFile:
-    with store.open_stream(key) as stream:
-        return read_training_file(stream.read().splitlines(), method, min_examples=min_examples)
+    return read_training_file(store.get_bytes(key).splitlines(), method, min_examples=min_examples)
 
 
-def training_model(settings: Settings, base_model: str) -> tuple[Transformer, Any]:
-    """The base model in fp32 on the worker's device for training, and its checkpoint (tokenizer, template)."""
+def training_model(settings: Settings, base_model: str) -> tuple[Transformer, Any, ModelSpec]:
+    """The base model in fp32 on the worker's device for training, its checkpoint (tokenizer, template)
+    and its registry entry."""
     spec = get_model(base_model, settings)
     checkpoint = read_checkpoint(resolve_source(spec.source, settings))
     model = build_model(checkpoint.config, fuse_projections(checkpoint.tensors, checkpoint.config),
                         resolve_device(settings), torch.float32)
-    return model, checkpoint
+    return model, checkpoint, spec
 
 
 def lora_config(method: dict[str, Any]) -> LoraConfig:
@@ -202,16 +201,16 @@ def _run(settings: Settings, job: _Job, heartbeat: Heartbeat) -> int:
     with session_scope(url) as session:
         if not start_preparing(session=session, job_id=job.id):
             raise Cancelled
-    model, checkpoint = training_model(settings, job.model)
+    model, checkpoint, spec = training_model(settings, job.model)
+
     def patient(operation):  # storage calls wait out an outage (keeping the lease) instead of crashing
         return while_storage_is_down(operation, heartbeat, settings.storage_outage_seconds)
 
     train = patient(lambda: _read(store, job.training_key, job.kind))
     validation = (patient(lambda: _read(store, job.validation_key, job.kind, min_examples=1))
                   if job.validation_key else None)
-    context = get_model(job.model, settings).context_length
     data = prepare(train, checkpoint.tokenizer, checkpoint.chat_template, validation=validation,
-                   max_length=min(context, settings.fine_tune_max_length), seed=job.seed)
+                   max_length=min(spec.context_length, settings.fine_tune_max_length), seed=job.seed)
     requested = dict(job.method[job.kind.value]["hyperparameters"])
     chosen_nll_weight = float(requested.pop("chosen_nll_weight", 0.0))  # genq's DPO extension (RPO)
     requested = Hyperparameters(**requested)
@@ -219,7 +218,7 @@ def _run(settings: Settings, job: _Job, heartbeat: Heartbeat) -> int:
     config = TrainerConfig(method=job.kind, hyperparameters=resolved, lora=lora_config(job.method), seed=job.seed,
                            chosen_nll_weight=chosen_nll_weight if job.kind is Method.DPO else 0.0,
                            early_stopping_patience=settings.fine_tune_early_stopping_patience,
-                           row_tokens=max(4096, 2 * data.stats["max_tokens"]))
+                           row_tokens=4096)  # the trainer widens it for a longer example
     trainer = Trainer(model, data, config)
     before = trainer.evaluate() if first else {}  # step 0 of the validation curve: what training improves on
     with session_scope(url) as session:
@@ -239,11 +238,11 @@ def _run(settings: Settings, job: _Job, heartbeat: Heartbeat) -> int:
                                                                f"{trainer.total_steps} (attempt {job.attempt})")
     started_at = trainer.step
     while True:
-        began = time.monotonic()
+        began, step_before = time.monotonic(), trainer.step
         result = trainer.run_segment(max_seconds=settings.fine_tune_segment_seconds, should_stop=heartbeat.should_stop)
         _stop_if_told(heartbeat)
         _save_segment(settings, store, job, trainer, result, patient, seconds=time.monotonic() - began,
-                      steps=result.step - started_at if result.step > started_at else 1)
+                      steps=result.step - step_before)
         if result.finished:
             break
     _publish(settings, store, job, trainer, patient)
@@ -351,7 +350,7 @@ def _publish(settings: Settings, store: Store, job: _Job, trainer: Trainer, pati
     patient(lambda: store.put_bytes(file_storage_key(file_id), content))
     with session_scope(url) as session:
         create_file(session=session, tenant_id=job.tenant_id, file_id=file_id, filename="step_metrics.csv",
-                    purpose=RESULTS_PURPOSE, size=len(content))
+                    purpose=FINE_TUNE_RESULTS_PURPOSE, size=len(content))
         if not succeed(session=session, shard_id=job.shard_id, attempt=job.attempt, job_id=job.id,
                        fine_tuned_model=job.model_name, trained_tokens=trainer.trained_tokens,
                        result_files=[file_id]):
