@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import BigInteger, CheckConstraint, ForeignKey, Integer, String, Text, UniqueConstraint, select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from db.models import Base, RequestOutcome, RequestResult, Shard
+from db.session import dialect_insert
 
 ID_CHUNK = 1000  # custom_ids per IN (...) / rows per INSERT: far below PostgreSQL's 65,535 parameters
 
@@ -90,10 +90,9 @@ def upsert_ratings(*, session: Session, tenant_id: str, batch_id: str,
     INSERT ... ON CONFLICT (batch_id, custom_id) DO UPDATE: a re-rating keeps the row's id and created_at."""
     latest = {rating.custom_id: rating for rating in ratings}  # dict order: first appearance, value: last
     now = int(time.time())
-    insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
     stored: dict[str, BatchFeedback] = {}
     for chunk in _chunks(list(latest.values())):
-        statement = insert(BatchFeedback).values([
+        statement = dialect_insert(session, BatchFeedback).values([
             {"tenant_id": tenant_id, "batch_id": batch_id, "custom_id": r.custom_id, "rating": r.rating,
              "score": r.score, "corrected": r.corrected, "comment": r.comment, "created_at": now, "updated_at": now}
             for r in chunk])

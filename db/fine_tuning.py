@@ -219,10 +219,15 @@ def delete_model(*, session: Session, tenant_id: str, model_id: str) -> FineTune
     return model
 
 
-def orphaned_active_jobs(*, session: Session) -> list[tuple[str, str | None]]:
-    """(job id, last shard error) of active jobs whose shard failed or was cancelled for good."""
-    rows = session.execute(
-        select(FineTuningJob.id, Shard.last_error).join(Shard, Shard.job_id == FineTuningJob.id)
-        .where(FineTuningJob.status.in_(ACTIVE_STATUSES),
-               Shard.status.in_((ShardStatus.FAILED, ShardStatus.CANCELLED)))).all()
-    return [(job_id, error) for job_id, error in rows]
+def fail_orphaned(*, session: Session, job_ids: list[str] | None = None) -> list[str]:
+    """Active jobs (all, or those of job_ids) whose shard failed or was cancelled for good (its workers
+    kept dying past max_attempts) -> failed with the shard's last error; returns their ids. The reaper's
+    pass, and a worker's at once when it is the one that saw the last attempt end."""
+    query = (select(FineTuningJob.id, Shard.last_error).join(Shard, Shard.job_id == FineTuningJob.id)
+             .where(FineTuningJob.status.in_(ACTIVE_STATUSES),
+                    Shard.status.in_((ShardStatus.FAILED, ShardStatus.CANCELLED))))
+    if job_ids is not None:
+        query = query.where(FineTuningJob.id.in_(job_ids))
+    return [job_id for job_id, error in session.execute(query).all()
+            if fail(session=session, job_id=job_id, code="worker_failed",
+                    message=f"Training stopped and could not be resumed: {error or 'worker lost'}")]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
+from typing import Any
 
 from sqlalchemy import Engine, Executable, create_engine, event
 from sqlalchemy.dialects import postgresql, sqlite
@@ -60,8 +61,13 @@ def session_scope(url: str) -> Iterator[Session]:
         session.close()
 
 
+def dialect_insert(session: Session, table: type) -> Any:
+    """INSERT into table in the session's dialect (PostgreSQL or SQLite): the one that has ON CONFLICT."""
+    insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+    return insert(table)
+
+
 def insert_ignoring_conflicts(session: Session, table: type, rows: list[dict] | dict,
                               index_elements: list[str]) -> Executable:
     """INSERT ... ON CONFLICT (index_elements) DO NOTHING, in the session's dialect (PostgreSQL or SQLite)."""
-    insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
-    return insert(table).values(rows).on_conflict_do_nothing(index_elements=index_elements)
+    return dialect_insert(session, table).values(rows).on_conflict_do_nothing(index_elements=index_elements)

@@ -29,6 +29,7 @@ from db.fine_tuning import (
     add_event,
     add_model,
     fail,
+    fail_orphaned,
     fine_tuned_model_name,
     job_runs,
     prune_checkpoints,
@@ -139,12 +140,8 @@ def _claim(settings: Settings, shard_id: int, worker_id: str) -> _Job | None:
         if row is None:
             return None
         queue, ft, tenant_name = row
-        if attempt is None:
-            failed = session.scalar(select(Shard.status).where(Shard.id == shard_id)) == ShardStatus.FAILED
-            if failed:  # out of attempts: the job fails with the shard's reason
-                fail(session=session, job_id=ft.id, code="worker_failed",
-                     message=f"Training stopped and could not be resumed after {settings.max_attempts} "
-                             "attempts")
+        if attempt is None:  # out of attempts (claim_shard failed the shard): the job fails with its reason
+            fail_orphaned(session=session, job_ids=[ft.id])
             return None
         keys = dict(session.execute(select(File.id, File.storage_key).where(
             File.id.in_([ft.training_file, ft.validation_file or ""]))).all())
@@ -164,7 +161,7 @@ def _release(settings: Settings, job: _Job, error: str) -> ShardOutcome:
         status = release_shard(session=session, shard_id=job.shard_id, attempt=job.attempt, error=error,
                                max_attempts=settings.max_attempts)
         if status == ShardStatus.FAILED:
-            fail(session=session, job_id=job.id, code="worker_failed", message=f"Training failed: {error}")
+            fail_orphaned(session=session, job_ids=[job.id])
     if status == ShardStatus.QUEUED:
         return ShardOutcome(shard_id=job.shard_id, status=ShardRun.RELEASED, attempt=job.attempt, queue=job.queue,
                             error=error)

@@ -3,7 +3,7 @@ max_attempts) is failed with the shard's last error, so no job waits forever for
 
 from __future__ import annotations
 
-from db.fine_tuning import fail, orphaned_active_jobs
+from db.fine_tuning import fail_orphaned
 from db.session import session_scope
 from genq.settings import Settings
 from workers.reap_report import ReapReport
@@ -11,7 +11,4 @@ from workers.reap_report import ReapReport
 
 def reap_fine_tunes(settings: Settings, report: ReapReport) -> None:
     with session_scope(settings.resolved_database_url()) as session:
-        for job_id, error in orphaned_active_jobs(session=session):
-            if fail(session=session, job_id=job_id, code="worker_failed",
-                    message=f"Training stopped and could not be resumed: {error or 'worker lost'}"):
-                report.failed_fine_tunes.append(job_id)
+        report.failed_fine_tunes += fail_orphaned(session=session)
