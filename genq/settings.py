@@ -75,6 +75,9 @@ class Settings(BaseSettings):
     max_queued_tokens_per_tenant: int = 1_000_000_000
     # max_tokens when a request names none: this, capped by what the context leaves after the prompt.
     default_max_tokens: int = 1024
+    # Candidates drawn per choice of a line with constraints or a JSON schema before it fails with
+    # constraints_not_met (each is a full generation: the bound on what a hard-to-meet line costs).
+    max_candidates_per_choice: int = 4
 
     api_host: str = "127.0.0.1"
     api_port: int = 8000

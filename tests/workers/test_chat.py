@@ -65,7 +65,7 @@ def test_completions_prompt_forms():
     ({"messages": [{"role": "wizard", "content": "hi"}]}, "invalid_value", "messages[0].role"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "unsupported_value",
      "messages[0].content"),
-    ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, "unsupported_value", "n"),
+    ({"messages": [{"role": "user", "content": "hi"}], "n": 17}, "invalid_value", "n"),
     ({"messages": [{"role": "user", "content": "hi"}], "stream": True}, "unsupported_value", "stream"),
     ({"messages": [{"role": "user", "content": "hi"}], "temperature": 3}, "invalid_value", "temperature"),
     ({"messages": [{"role": "user", "content": "hi"}], "stop": ["a"] * 5}, "invalid_value", "stop"),

@@ -14,7 +14,14 @@ from typing import Any, Protocol
 
 from jinja2 import TemplateError
 
-from workers.batches.request_contract import CHAT_ENDPOINT, COMPLETIONS_ENDPOINT, RequestError, parse_body
+from workers.batches.choices import LineChoices, decoding_controls
+from workers.batches.request_contract import (
+    CHAT_ENDPOINT,
+    COMPLETIONS_ENDPOINT,
+    ParsedRequest,
+    RequestError,
+    parse_body,
+)
 from workers.runtime.types import GenerationRequest, GenerationResult
 
 
@@ -51,7 +58,22 @@ def build_request(*, endpoint: str, body: Any, batch_id: str, custom_id: str, lm
     max_completion_tokens) defaults to min(default_max_tokens, what the context leaves after the
     prompt); an explicit value that does not fit is context_length_exceeded, as OpenAI does.
     """
+    return _generation_request(parse_body(endpoint, body, strict=False), endpoint=endpoint, batch_id=batch_id,
+                               custom_id=custom_id, lm=lm, default_max_tokens=default_max_tokens)
+
+
+def build_line(*, endpoint: str, body: Any, batch_id: str, custom_id: str, lm: PromptModel,
+               default_max_tokens: int, max_candidates_per_choice: int) -> LineChoices:
+    """The choices of one input line (n, constraints, a JSON schema); RequestError when it cannot be served."""
     parsed = parse_body(endpoint, body, strict=False)
+    request = _generation_request(parsed, endpoint=endpoint, batch_id=batch_id, custom_id=custom_id, lm=lm,
+                                  default_max_tokens=default_max_tokens)
+    return LineChoices(request, n=parsed.n, constraints=parsed.constraints, json_schema=parsed.json_schema,
+                       max_candidates_per_choice=max_candidates_per_choice)
+
+
+def _generation_request(parsed: ParsedRequest, *, endpoint: str, batch_id: str, custom_id: str, lm: PromptModel,
+                        default_max_tokens: int) -> GenerationRequest:
     try:
         if parsed.messages is not None:
             prompt = list(lm.render_chat(parsed.messages))
@@ -74,7 +96,8 @@ def build_request(*, endpoint: str, body: Any, batch_id: str, custom_id: str, lm
     seed = parsed.params.seed
     params = replace(parsed.params, max_tokens=parsed.max_tokens or min(default_max_tokens, room),
                      seed=stable_seed(batch_id, custom_id) if seed is None else seed)
-    return GenerationRequest(request_id=custom_id, prompt_token_ids=prompt, params=params)
+    return GenerationRequest(request_id=custom_id, prompt_token_ids=prompt, params=params,
+                             controls=decoding_controls(parsed.constraints, parsed.json_schema, parsed.logit_bias))
 
 
 # --- GenerationResult -> output lines ------------------------------------------------------------------
@@ -90,38 +113,43 @@ def _token_logprobs(result: GenerationResult, lm: Any) -> list[dict[str, Any]]:
 
 
 def response_body(*, endpoint: str, body: dict[str, Any], batch_id: str, custom_id: str,
-                  result: GenerationResult, lm: Any, created: int | None = None) -> dict[str, Any]:
-    """The chat.completion (or text_completion) object for a finished request."""
+                  result: GenerationResult | None = None, lm: Any, created: int | None = None,
+                  line: LineChoices | None = None) -> dict[str, Any]:
+    """The chat.completion (or text_completion) object of a finished line: its one result, or the
+    choices of `line` (usage then counts every candidate's tokens, and the body reports the controls)."""
     created = int(time.time()) if created is None else created
-    usage = {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
-             "total_tokens": result.prompt_tokens + result.completion_tokens}
+    results = line.accepted if line is not None else [result]  # type: ignore[list-item]
+    completion = line.completion_tokens if line is not None else results[0].completion_tokens
+    prompt = results[0].prompt_tokens
+    usage: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": completion,
+                             "total_tokens": prompt + completion}
     model = body.get("model", "")
     if endpoint == COMPLETIONS_ENDPOINT:
-        logprobs = None
-        if result.logprobs is not None:
-            tokens = _token_logprobs(result, lm)
-            logprobs = {"tokens": [t["token"] for t in tokens], "token_logprobs": [t["logprob"] for t in tokens],
-                        "top_logprobs": None, "text_offset": None}
-        return {"id": f"cmpl-{stable_id(batch_id, custom_id)}", "object": "text_completion", "created": created,
-                "model": model, "choices": [{"text": result.text, "index": 0, "logprobs": logprobs,
-                                             "finish_reason": result.finish_reason}], "usage": usage}
-    logprobs = None
-    if result.logprobs is not None:
-        logprobs = {"content": _token_logprobs(result, lm), "refusal": None}
-    return {
-        "id": f"chatcmpl-{stable_id(batch_id, custom_id)}",
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "choices": [{
-            "index": 0,
-            "message": {"role": "assistant", "content": result.text, "refusal": None},
-            "logprobs": logprobs,
-            "finish_reason": result.finish_reason,
-        }],
-        "usage": usage,
-        "system_fingerprint": None,
-    }
+        choices = [{"text": r.text, "index": i, "logprobs": _completion_logprobs(r, lm),
+                    "finish_reason": r.finish_reason} for i, r in enumerate(results)]
+        out = {"id": f"cmpl-{stable_id(batch_id, custom_id)}", "object": "text_completion", "created": created,
+               "model": model, "choices": choices, "usage": usage}
+    else:
+        choices = [{
+            "index": i,
+            "message": {"role": "assistant", "content": r.text, "refusal": None},
+            "logprobs": {"content": _token_logprobs(r, lm), "refusal": None} if r.logprobs is not None else None,
+            "finish_reason": r.finish_reason,
+        } for i, r in enumerate(results)]
+        out = {"id": f"chatcmpl-{stable_id(batch_id, custom_id)}", "object": "chat.completion", "created": created,
+               "model": model, "choices": choices, "usage": usage, "system_fingerprint": None}
+    if line is not None and (line.checked or line.n > 1):
+        usage["candidates"] = line.tried
+        out["genq"] = line.report()
+    return out
+
+
+def _completion_logprobs(result: GenerationResult, lm: Any) -> dict[str, Any] | None:
+    if result.logprobs is None:
+        return None
+    tokens = _token_logprobs(result, lm)
+    return {"tokens": [t["token"] for t in tokens], "token_logprobs": [t["logprob"] for t in tokens],
+            "top_logprobs": None, "text_offset": None}
 
 
 def output_line(*, batch_id: str, custom_id: str, status_code: int, body: dict[str, Any],

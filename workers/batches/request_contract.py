@@ -16,7 +16,10 @@ length. One rule per field, in one place:
     repetition_penalty        number in (0, 10]
     seed                      integer in the signed 64-bit range
     stop                      string or list of <= 4, each non-empty
-    n                         1                                     one choice per line
+    n                         integer 1..16                         choices (variants), each with its own seed
+    logit_bias                {token id: number -100..100}, <= 300  OpenAI's
+    response_format           text, json_object, json_schema        the schema must compile (xgrammar)
+    constraints               genq's: workers.batches.constraints   hard limits, banned and required terms
     logprobs                  chat: boolean; completions: 0 or null  alternatives are not returned
     top_logprobs              0 or null
     stream                    false or null
@@ -28,18 +31,22 @@ Anything else is an unknown parameter: a typo such as "temprature" must not be s
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from workers.batches.constraints import Constraints
 from workers.runtime.types import SamplingParams
 
 CHAT_ENDPOINT = "/v1/chat/completions"
 COMPLETIONS_ENDPOINT = "/v1/completions"
 ENDPOINTS = (CHAT_ENDPOINT, COMPLETIONS_ENDPOINT)
 MAX_STOP_STRINGS = 4
+MAX_CHOICES = 16
+MAX_LOGIT_BIAS = 300
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 _OWN_CODES = ("invalid_value", "invalid_type", "unsupported_value")  # this module's error types
 
@@ -53,12 +60,14 @@ class RequestError(Exception):
     param: str | None = None  # "temperature", "messages[2].role"
     type: str = "invalid_request_error"
     status_code: int = 400
+    details: dict[str, Any] | None = None  # genq's extra fields of the error object (a nearest candidate)
 
     def __str__(self) -> str:
         return self.message
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        error = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
+        return {"error": {**error, **self.details} if self.details else error}
 
 
 @dataclass(frozen=True)
@@ -74,6 +83,10 @@ class ParsedRequest:
     prompt: str | list[int] | None  # completions: text or token ids
     max_tokens: int | None  # the body's limit on generated tokens, None for the default
     params: SamplingParams
+    n: int = 1
+    constraints: Constraints | None = None
+    json_schema: str | None = None  # a response_format's schema as JSON text, "{}" for json_object
+    logit_bias: dict[int, float] | None = None
 
 
 def _unsupported(message: str) -> PydanticCustomError:
@@ -99,6 +112,51 @@ class _Message(BaseModel):
         raise PydanticCustomError("invalid_type", "must be a string or a list of text parts")
 
 
+class _JsonSchema(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+    description: str | None = None
+    schema_: Annotated[dict[str, Any], Field(alias="schema")] = {}
+    strict: bool | None = None
+
+
+class _ResponseFormat(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: _JsonSchema | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> _ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise PydanticCustomError("invalid_value", "json_schema is required with type json_schema, and only then")
+        return self
+
+
+def _schema_text(response_format: _ResponseFormat | None) -> str | None:
+    if response_format is None or response_format.type == "text":
+        return None
+    if response_format.type == "json_object":
+        return "{}"
+    return json.dumps(response_format.json_schema.schema_, sort_keys=True)  # type: ignore[union-attr]
+
+
+def check_schema_compiles(schema: str) -> None:
+    """RequestError when the grammar engine cannot compile the schema (the engine would refuse it)."""
+    if schema == "{}":
+        return
+    import xgrammar  # imports torch: only for a batch that asks for a schema
+
+    try:
+        xgrammar.Grammar.from_json_schema(schema, any_whitespace=False)
+    except (RuntimeError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        reason = reason.split(": ", 1)[-1] if "] " in reason else reason
+        raise RequestError(f"response_format.json_schema.schema cannot be compiled into a grammar: {reason}",
+                           "invalid_json_schema", "response_format.json_schema.schema") from None
+
+
 Unit = Annotated[float, Field(ge=0, le=1)]
 Penalty = Annotated[float, Field(ge=-2, le=2)]
 
@@ -120,7 +178,10 @@ class _Sampling(BaseModel):
     repetition_penalty: Annotated[float, Field(gt=0, le=10)] | None = None
     seed: Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)] | None = None
     stop: Any = None
-    n: Any = None
+    n: Annotated[int, Field(ge=1, le=MAX_CHOICES)] | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
+    response_format: _ResponseFormat | None = None
+    constraints: Constraints | None = None
     stream: Any = None
     stream_options: None = None
     ignore_eos: bool | None = None
@@ -142,11 +203,23 @@ class _Sampling(BaseModel):
                                       "{most} non-empty strings", {"most": MAX_STOP_STRINGS})
         return stops
 
-    @field_validator("n")
+    @field_validator("logit_bias")
     @classmethod
-    def _one_choice(cls, n: Any) -> None:
-        if n is not None and (type(n) is not int or n != 1):
-            raise _unsupported("must be 1: genq generates one choice per line (send one line per sample)")
+    def _token_ids(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        if bias is not None:
+            if len(bias) > MAX_LOGIT_BIAS:
+                raise PydanticCustomError("invalid_value", "may hold at most {most} tokens", {"most": MAX_LOGIT_BIAS})
+            if not all(key.isdigit() for key in bias):
+                raise PydanticCustomError("invalid_value", "keys must be token ids (strings of digits)")
+        return bias
+
+    @model_validator(mode="after")
+    def _text_controls(self) -> _Sampling:
+        if self.constraints is not None and self.response_format is not None \
+                and self.response_format.type != "text":
+            raise PydanticCustomError("unsupported_value", "constraints apply to text output: with a JSON "
+                                      "response_format, limit fields in the schema (maxLength, maxItems)")
+        return self
 
     @field_validator("stream")
     @classmethod
@@ -230,11 +303,16 @@ def parse_body(endpoint: str, body: Any, *, strict: bool = True) -> ParsedReques
         logprobs=bool(parsed.logprobs),
         ignore_eos=bool(parsed.ignore_eos),
     )
+    schema = _schema_text(parsed.response_format)
+    if strict and schema is not None:
+        check_schema_compiles(schema)
+    controls = {"n": parsed.n or 1, "constraints": parsed.constraints, "json_schema": schema,
+                "logit_bias": {int(k): v for k, v in parsed.logit_bias.items()} if parsed.logit_bias else None}
     if isinstance(parsed, _ChatBody):
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.content}
                     for m in parsed.messages]
-        return ParsedRequest(endpoint, parsed.model, messages, None, explicit, params)
-    return ParsedRequest(endpoint, parsed.model, None, parsed.prompt, explicit, params)
+        return ParsedRequest(endpoint, parsed.model, messages, None, explicit, params, **controls)
+    return ParsedRequest(endpoint, parsed.model, None, parsed.prompt, explicit, params, **controls)
 
 
 def _or(value: Any, default: Any) -> Any:
@@ -259,6 +337,8 @@ def _first_error(exc: ValidationError) -> RequestError:
         return RequestError(f"unknown parameter '{param}'", "unknown_parameter", param)
     given = repr(error.get("input"))
     given = given if len(given) <= 40 else given[:37] + "..."
-    if kind in _OWN_CODES:  # this module's messages read on from the name: "n must be 1: ..."
+    if kind in _OWN_CODES and not param:  # a rule across fields, stated whole
+        return RequestError(error["msg"], kind, None)
+    if kind in _OWN_CODES:  # this module's messages read on from the name: "stop must be ..."
         return RequestError(f"{param} {error['msg']} (got {given})", kind, param)
     return RequestError(f"{param}: {error['msg']} (got {given})", "invalid_value", param)

@@ -36,17 +36,17 @@ from db.session import session_scope
 from genq.settings import Settings
 from storage import store_from_settings
 from workers.batches.chat import (
-    build_request,
+    build_line,
     output_line,
     request_error_line,
     response_body,
 )
+from workers.batches.choices import LineChoices
 from workers.batches.finalize import maybe_finalize
 from workers.batches.request_contract import RequestError
 from workers.batches.shard_files import InputLine, read_shard_lines
 from workers.heartbeat import Heartbeat, while_storage_is_down
-from workers.runtime.errors import ContextLengthError, GenerationFailedError, RequestFailure
-from workers.runtime.types import GenerationRequest, GenerationResult, ServedModel
+from workers.runtime.types import GenerationHandle, GenerationRequest, GenerationResult, ServedModel
 from workers.shard_outcome import ShardOutcome, ShardRun
 
 log = logging.getLogger(__name__)
@@ -128,34 +128,26 @@ class _ResultWriter:
             return record_results(session=session, batch_id=self.job.batch_id, shard_id=self.job.shard_id,
                                   attempt=self.job.attempt, worker_id=self.worker_id, results=rows)
 
-    def result_row(self, result: GenerationResult) -> ResultRow | None:
-        """The row of a finished request (its error line if the runtime refused it); None if not ours."""
-        item = self.job.pending.get(result.request_id)
+    def line_row(self, line: LineChoices) -> ResultRow | None:
+        """The row of a finished line (its error line if it failed); None if not ours."""
+        item = self.job.pending.get(line.custom_id)
         if item is None:
             return None
-        if result.error is not None:  # the runtime refused this one request
-            return self.failure_row(item, _as_request_error(result.error))
+        if line.error is not None:
+            return self.failure_row(item, line.error)
         body = response_body(endpoint=self.job.endpoint, body=item.body, batch_id=self.job.batch_id,
-                             custom_id=item.custom_id, result=result, lm=self.lm)
-        line = output_line(batch_id=self.job.batch_id, custom_id=item.custom_id, status_code=200, body=body)
+                             custom_id=item.custom_id, line=line, lm=self.lm)
+        out = output_line(batch_id=self.job.batch_id, custom_id=item.custom_id, status_code=200, body=body)
+        usage = body["usage"]
         return ResultRow(custom_id=item.custom_id, line_number=item.line, outcome=RequestOutcome.SUCCEEDED,
-                         output_line=line, prompt_tokens=result.prompt_tokens,
-                         completion_tokens=result.completion_tokens)
+                         output_line=out, prompt_tokens=usage["prompt_tokens"],
+                         completion_tokens=usage["completion_tokens"])
 
     def failure_row(self, item: InputLine, error: RequestError) -> ResultRow:
         line = request_error_line(batch_id=self.job.batch_id, custom_id=item.custom_id, error=error,
                                   attempt=self.job.attempt, worker_id=self.worker_id)
         return ResultRow(custom_id=item.custom_id, line_number=item.line, outcome=RequestOutcome.FAILED,
                          output_line=line)
-
-
-def _as_request_error(error: RequestFailure) -> RequestError:
-    """The error line of a request the runtime refused or failed on."""
-    if isinstance(error, ContextLengthError):
-        return RequestError(str(error), "context_length_exceeded", "messages")
-    if isinstance(error, GenerationFailedError):
-        return RequestError(str(error), "generation_failed", None, type="server_error", status_code=500)
-    return RequestError(str(error), "invalid_request", None)
 
 
 def _load_job(settings: Settings, shard_id: int, worker_id: str) -> tuple[_ShardJob | None, str | None]:
@@ -239,23 +231,23 @@ def _generate(*, settings: Settings, job: _ShardJob, worker_id: str, model_loade
     lm = model_loader(job.model)
     writer = _ResultWriter(settings=settings, job=job, worker_id=worker_id, lm=lm, heartbeat=heartbeat,
                            on_progress=on_progress)
-    requests: list[GenerationRequest] = []
+    lines: list[LineChoices] = []
     refused: list[ResultRow] = []
     for item in list(job.pending.values()):
         if item.custom_id == job.suspect:  # it killed a worker while running alone: never again
             refused.append(writer.failure_row(item, _quarantined(job)))
             continue
         try:
-            requests.append(build_request(endpoint=job.endpoint, body=item.body, batch_id=job.batch_id,
-                                          custom_id=item.custom_id, lm=lm,
-                                          default_max_tokens=settings.default_max_tokens))
+            lines.append(build_line(endpoint=job.endpoint, body=item.body, batch_id=job.batch_id,
+                                    custom_id=item.custom_id, lm=lm, default_max_tokens=settings.default_max_tokens,
+                                    max_candidates_per_choice=settings.max_candidates_per_choice))
         except RequestError as error:
             refused.append(writer.failure_row(item, error))
     writer.store(refused)
     if job.isolate:
-        _run_one_at_a_time(lm, requests, writer, heartbeat, url=settings.resolved_database_url(), job=job)
+        _run_one_at_a_time(lm, lines, writer, heartbeat, url=settings.resolved_database_url(), job=job)
     else:
-        _run_model(lm, requests, writer, heartbeat)
+        _run_lines(lm, lines, writer, heartbeat)
     outcome.written = writer.written
     if job.pending and heartbeat.timed_out.is_set() and not heartbeat.lease_lost.is_set():
         raise ShardTimeLimitExceeded(f"shard {job.shard_id} ran past its time limit of "
@@ -273,34 +265,56 @@ def _quarantined(job: _ShardJob) -> RequestError:
                         "request_quarantined", None, type="server_error", status_code=500)
 
 
-def _run_one_at_a_time(lm: ServedModel, requests: list[GenerationRequest], writer: _ResultWriter,
+def _run_one_at_a_time(lm: ServedModel, lines: list[LineChoices], writer: _ResultWriter,
                        heartbeat: Heartbeat, *, url: str, job: _ShardJob) -> None:
-    """After a worker death: each request alone, named as the suspect first, so that if it kills this
+    """After a worker death: each line alone, named as the suspect first, so that if it kills this
     worker too the next attempt knows which one to quarantine. Slower, and only for such shards."""
-    for request in requests:
+    for line in lines:
         if heartbeat.should_stop():
             return
         with session_scope(url) as session:
             if not mark_suspect(session=session, shard_id=job.shard_id, attempt=job.attempt,
-                                custom_id=request.request_id):
+                                custom_id=line.custom_id):
                 heartbeat.lease_lost.set()
                 return
-        _run_model(lm, [request], writer, heartbeat)
+        _run_lines(lm, [line], writer, heartbeat)
 
 
-def _run_model(lm: ServedModel, requests: list[GenerationRequest], writer: _ResultWriter,
-               heartbeat: Heartbeat) -> None:
-    """Submits the requests to the engine and stores each result as it finishes; on cancel, expiry or a
-    lost lease, aborts what is still running (only this shard's requests)."""
-    if not requests:
+def _run_lines(lm: ServedModel, lines: list[LineChoices], writer: _ResultWriter, heartbeat: Heartbeat) -> None:
+    """Submits every line's candidates to the engine, checks each as it finishes (submitting another
+    when one is rejected), and stores each line once its choices are in; on cancel, expiry or a lost
+    lease, aborts what is still running (only this shard's requests)."""
+    if not lines:
         return
-    handle = lm.submit(requests)
+    owner: dict[str, LineChoices] = {}  # candidate request id -> its line
+    handles: list[GenerationHandle] = []
+
+    def submit(candidates: list[tuple[LineChoices, GenerationRequest]]) -> None:
+        if candidates:
+            owner.update((request.request_id, line) for line, request in candidates)
+            handles.append(lm.submit([request for _, request in candidates]))
+
+    submit([(line, request) for line in lines for request in line.first_requests()])
+    wait = min(0.5, heartbeat.interval)
     try:
-        while not handle.done:
+        while not all(h.done for h in handles):
             if heartbeat.should_stop():
                 return
+            finished: list[GenerationResult] = []
+            for i, handle in enumerate(h for h in handles if not h.done):
+                finished += handle.results(timeout=wait if i == 0 else 0)  # one waits, the rest are polled
+            more: list[tuple[LineChoices, GenerationRequest]] = []
+            rows = []
+            for result in finished:
+                line = owner.pop(result.request_id, None)
+                if line is None:
+                    continue
+                more += [(line, request) for request in line.take(result)]
+                if line.done:
+                    rows.append(writer.line_row(line))
+            submit(more)
             # What finished together is stored together: one transaction per engine step, not per request.
-            rows = [writer.result_row(result) for result in handle.results(timeout=min(0.5, heartbeat.interval))]
             writer.store([row for row in rows if row is not None])
     finally:
-        handle.abort()
+        for handle in handles:
+            handle.abort()

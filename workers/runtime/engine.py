@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 import kernels
+from workers.runtime.controls import ControlFactory
 from workers.runtime.errors import (
     CacheTooSmallError,
     ContextLengthError,
@@ -101,6 +102,7 @@ class Engine:
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_step_tokens), self.kv,
                                    frozenset(tokenizer.special.eos_ids))
         self.outputs = OutputProcessor(tokenizer)
+        self.controls = ControlFactory(tokenizer, c.vocab_size)
         self._refused: dict[str, GenerationResult] = {}  # requests that could not run, reported next step
         self.steps = 0
         self.generated_tokens = 0
@@ -122,10 +124,19 @@ class Engine:
         if blocks_for(tokens, self.block_size) > self.kv.pool.num_blocks:
             raise CacheTooSmallError(tokens, self.kv.pool.num_blocks * self.block_size)
 
+    def _control_processors(self, request: GenerationRequest) -> list:
+        try:
+            return self.controls.processors(request.controls)  # type: ignore[arg-type]
+        except (RuntimeError, ValueError) as exc:  # a schema xgrammar cannot compile
+            raise InvalidGenerationRequest(f"the output controls cannot be built: {exc}") from exc
+
     def add_request(self, request_id: str, request: GenerationRequest) -> None:
         """Queues a request under the engine's id request_id (unique among what the engine holds)."""
         try:
             self.validate(request)
+            if request.controls is not None and request.controls.any():
+                request = replace(request, logits_processors=[*request.logits_processors,
+                                                              *self._control_processors(request)])
         except RequestFailure as e:
             self._refused[request_id] = GenerationResult(
                 request_id=request.request_id, text="", token_ids=[], finish_reason="length",

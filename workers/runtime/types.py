@@ -44,6 +44,27 @@ class LogitsProcessor(Protocol):
 
 
 @dataclass
+class DecodingControls:
+    """What the engine enforces while decoding one request (workers.runtime.controls builds the hooks).
+
+    The job layer checks and trims the finished text against the same rules; this only makes a
+    passing text likely (and banned strings impossible)."""
+
+    banned: list[str] = field(default_factory=list)  # never in the text, across token boundaries too
+    banned_case_insensitive: bool = False
+    min_words: int = 0  # end-of-text masked below this many words
+    max_chars: int | None = None  # end-of-text forced once the text is past a limit (then cut back)
+    max_words: int | None = None
+    required: list[str] = field(default_factory=list)  # a started term is finished (case-insensitive)
+    logit_bias: dict[int, float] = field(default_factory=dict)  # OpenAI's: token id -> bias in [-100, 100]
+    json_schema: str | None = None  # JSON text of a schema the output must follow; "{}" for any JSON object
+
+    def any(self) -> bool:
+        return bool(self.banned or self.min_words or self.max_chars or self.max_words or self.required
+                    or self.logit_bias or self.json_schema is not None)
+
+
+@dataclass
 class GenerationRequest:
     """One prompt to continue; the prompt is already tokenized (chat template applied)."""
 
@@ -51,6 +72,7 @@ class GenerationRequest:
     prompt_token_ids: list[int]
     params: SamplingParams
     logits_processors: list[LogitsProcessor] = field(default_factory=list)
+    controls: DecodingControls | None = None  # the engine adds its hooks for these to logits_processors
     # Which weights run it beyond the base model (a fine-tune's adapter); part of the prefix-cache key,
     # so a prompt's cached blocks are never shared across adapters.
     adapter_id: str | None = None
