@@ -102,6 +102,12 @@ INVALID_FIELDS = {
     "user": [5],
     "messages": [[], "hi", [{"content": "no role"}], [{"role": "robot", "content": "x"}],
                  [{"role": "user", "content": 5}], [{"role": "user", "content": [{"type": "image_url"}]}]],
+    "constraints": [{"preset": "tiktok"}, {"max_chars": 0}, {"banned": [""]}, {"min_words": 9, "max_words": 3},
+                    "short", {"max_char": 30}, {"required": ["!"], "banned": ["!"]}],
+    "response_format": [{"type": "xml"}, {"type": "json_schema"},
+                        {"type": "json_schema", "json_schema": {"name": "p", "schema": {"type": "objekt"}}},
+                        {"type": "json_schema", "json_schema": {"name": "p", "schema": {"$ref": "#/nowhere"}}}],
+    "logit_bias": [{"a": 1}, {"5": 101}, [1]],
     "temprature": [0.5],  # a typo is an unknown parameter, not silently ignored
 }
 INVALID_CASES = [(name, value) for name, values in INVALID_FIELDS.items() for value in values]

@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 PRESETS: dict[str, int] = {
@@ -50,12 +50,16 @@ class Constraints(BaseModel):
     required: Annotated[list[Annotated[str, Field(min_length=1, max_length=200)]], Field(max_length=MAX_TERMS)] = []
     preset: str | None = None
 
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, preset: str | None) -> str | None:
+        if preset is not None and preset not in PRESETS:
+            raise PydanticCustomError("invalid_value", "must be one of {names}", {"names": ", ".join(PRESETS)})
+        return preset
+
     @model_validator(mode="after")
     def _consistent(self) -> Constraints:
         if self.preset is not None:
-            if self.preset not in PRESETS:
-                raise PydanticCustomError("invalid_value", "preset must be one of {names}",
-                                          {"names": ", ".join(PRESETS)})
             self.max_chars = min(self.max_chars or PRESETS[self.preset], PRESETS[self.preset])
         if self.min_words and self.max_words and self.min_words > self.max_words:
             raise PydanticCustomError("invalid_value", "min_words ({low}) is above max_words ({high})",
