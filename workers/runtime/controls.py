@@ -122,7 +122,12 @@ class BannedStrings:
 
 
 class WordLimits:
+    CLOSING = 8  # words before max_words from which a sentence end is favoured
+    PERIOD_BIAS = 3.0
+
     def __init__(self, controls: DecodingControls, vocab: Vocabulary) -> None:
+        self.periods = torch.tensor([i for i, t in enumerate(vocab.texts) if t in (".", ".\"", ". ")],
+                                    dtype=torch.int64)
         self.min_words = controls.min_words
         self.max_chars = controls.max_chars
         self.max_words = controls.max_words
@@ -141,23 +146,37 @@ class WordLimits:
             logits[eos] = keep
         elif words < self.min_words:
             logits[eos] = float("-inf")
+        if not over and self.max_words is not None and words >= max(self.min_words, self.max_words - self.CLOSING):
+            logits[self.periods.to(logits.device)] += self.PERIOD_BIAS  # finish the sentence before the limit
 
 
 class RequiredTerms:
-    _TRIGGER = 4  # characters of a term that, typed at a word boundary, commit to the rest of it
+    """A missing term's first token is favoured at word starts (+BIAS); once the text ends with the
+    term's first token, or its first 4+ characters, at a word boundary, only its spelling goes on."""
+
+    _TRIGGER = 4
+    BIAS = 4.0
 
     def __init__(self, required: list[str], vocab: Vocabulary) -> None:
         self.terms = [t.lower() for t in required]
         self.vocab = vocab
         self.text = _FollowedText(vocab.tokenizer)
+        tokenizer = vocab.tokenizer
+        # The term's first token after a space and at the start of the text: the model's ways to begin it.
+        self.openers = {term: sorted({tokenizer.encode(" " + t, add_bos=False)[0] for t in (term, term.title())} |
+                                     {tokenizer.encode(t, add_bos=False)[0] for t in (term, term.title())})
+                        for term in required}
+        self.first_pieces = {t.lower(): {vocab.lowered[i].strip() for i in ids} for t, ids in self.openers.items()}
 
     def __call__(self, output_token_ids: Sequence[int], logits: torch.Tensor) -> None:
         text = self.text.update(output_token_ids).lower()
-        for term in self.terms:
+        for term, openers in zip(self.terms, self.openers.values(), strict=True):
             if term in text:
                 continue
             rest = self._rest(text, term)
             if rest is None:
+                if not text or text[-1].isspace() or not text[-1].isalnum():
+                    logits[torch.tensor(openers, dtype=torch.int64, device=logits.device)] += self.BIAS
                 continue
             allowed = set(self.vocab.starting_with(rest, True))
             allowed.update(i for k in range(1, len(rest)) for i in self._exact(rest[:k]))
@@ -169,11 +188,13 @@ class RequiredTerms:
                 return
 
     def _rest(self, text: str, term: str) -> str | None:
-        """What is left to type of term when the text ends with its first few characters at a word start."""
-        for k in range(len(term) - 1, min(self._TRIGGER, len(term)) - 1, -1):
+        """What is left to type of term when the text ends with its beginning at a word start."""
+        shortest = min([self._TRIGGER, len(term) - 1, *(len(p) for p in self.first_pieces[term] if p)])
+        for k in range(len(term) - 1, max(1, shortest) - 1, -1):
             start = len(text) - k
             if text.endswith(term[:k]) and (start == 0 or not text[start - 1].isalnum()):
-                return term[k:]
+                if k >= self._TRIGGER or term[:k] in self.first_pieces[term]:
+                    return term[k:]
         return None
 
     def _exact(self, piece: str) -> list[int]:
