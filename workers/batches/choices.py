@@ -61,6 +61,7 @@ class LineChoices:
     completion_tokens: int = 0  # every candidate's, rejected ones included
     error: RequestError | None = None
     _nearest: _Rejected | None = None
+    _fallbacks: list[GenerationResult] = field(default_factory=list)
     _running: int = 0
 
     @property
@@ -101,29 +102,35 @@ class LineChoices:
         if result.error is not None:
             self.error = runtime_error(result.error)
             return []
-        text, violations = self._judge(result)
-        if not violations:
-            finish = result.finish_reason if text == result.text else "length"
-            self.accepted.append(replace(result, request_id=self.custom_id, text=text, finish_reason=finish))
+        text, violations, unfinished = self._judge(result)
+        kept = replace(result, request_id=self.custom_id, text=text,
+                       finish_reason=result.finish_reason if text == result.text else "length")
+        if not violations and not (unfinished and self.tried < self.budget):
+            self.accepted.append(kept)
             return []
-        if self._nearest is None or len(violations) < len(self._nearest.violations):
+        if not violations:
+            self._fallbacks.append(kept)  # keeps every rule but ends mid-sentence: another try first
+        elif self._nearest is None or len(violations) < len(self._nearest.violations):
             self._nearest = _Rejected(text, violations)
         if self.tried < self.budget:
             return [self._candidate()]
         if self._running == 0:
-            self.error = self._not_met()
+            self.accepted += self._fallbacks[: self.n - len(self.accepted)]
+            if not self.done:
+                self.error = self._not_met()
         return []
 
-    def _judge(self, result: GenerationResult) -> tuple[str, list[str]]:
-        text, violations = result.text, []
+    def _judge(self, result: GenerationResult) -> tuple[str, list[str], bool]:
+        """(the text cut to the limits, the rules it breaks, whether it is prose ending mid-sentence)."""
+        text, violations, unfinished = result.text, [], False
         if self.constraints is not None:
             checked = check(text, self.constraints)
-            text, violations = checked.text, checked.violations
+            text, violations, unfinished = checked.text, checked.violations, checked.unfinished
         if self.json_schema is not None:
             violations = _json_violations(text, self.json_schema, result.finish_reason)
         if self.n > 1 and self.base.params.temperature > 0 and any(a.text == text for a in self.accepted):
             violations.append("duplicate: the same text as an earlier choice")
-        return text, violations
+        return text, violations, unfinished
 
     def _not_met(self) -> RequestError:
         nearest = self._nearest or _Rejected("", ["no candidate"])

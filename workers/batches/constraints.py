@@ -85,6 +85,9 @@ class Checked:
 
     text: str
     violations: list[str] = field(default_factory=list)
+    # Prose (max_words or min_words set) that does not end with a finished sentence: kept only when no
+    # candidate of the line's budget does better ("a finished sentence where possible").
+    unfinished: bool = False
 
 
 def _contains(text: str, term: str, case_insensitive: bool) -> bool:
@@ -131,4 +134,5 @@ def check(text: str, c: Constraints) -> Checked:
             problems.append(f"required: {term!r} missing")
     if not cut.strip():
         problems.append("empty: nothing within the limits")
-    return Checked(cut, problems)
+    prose = bool(c.max_words or c.min_words)
+    return Checked(cut, problems, unfinished=prose and not _SENTENCE_END.search(cut.strip()))
