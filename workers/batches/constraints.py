@@ -98,9 +98,9 @@ def word_count(text: str) -> int:
     return len(_WORD.findall(text))
 
 
-def _cut_to_limits(text: str, c: Constraints) -> str:
-    """The longest prefix within max_chars and max_words that ends at a word boundary, cut back to its
-    last finished sentence when that keeps min_words and at least two thirds of the words."""
+def _cuts(text: str, c: Constraints) -> list[str]:
+    """Where the text may end: the longest prefix within max_chars and max_words that ends at a word
+    boundary, preceded by its last finished sentence when that keeps at least two thirds of the words."""
     words = list(_WORD.finditer(text))
     keep = len(words)
     if c.max_words is not None:
@@ -108,21 +108,18 @@ def _cut_to_limits(text: str, c: Constraints) -> str:
     if c.max_chars is not None:
         keep = min(keep, sum(1 for w in words if w.end() <= c.max_chars))
     if keep == len(words):
-        return text.strip()
+        return [text.strip()]
     words = words[:keep]
     if not words:
-        return ""
+        return [""]
+    cut = text[words[0].start():words[-1].end()].rstrip(",;:-–—")
     for i in range(len(words) - 1, -1, -1):
         if _SENTENCE_END.search(words[i].group()):
-            if i + 1 >= max(c.min_words or 0, (2 * keep + 2) // 3):
-                return text[words[0].start():words[i].end()]
-            break
-    return text[words[0].start():words[-1].end()].rstrip(",;:-–—")
+            return [text[words[0].start():words[i].end()], cut] if i + 1 >= (2 * keep + 2) // 3 else [cut]
+    return [cut]
 
 
-def check(text: str, c: Constraints) -> Checked:
-    """The text cut to the hard limits, and every rule it breaks."""
-    cut = _cut_to_limits(text, c) if (c.max_chars or c.max_words) else text
+def _violations(cut: str, c: Constraints) -> list[str]:
     problems = []
     if c.min_words and word_count(cut) < c.min_words:
         problems.append(f"min_words: {word_count(cut)} words, at least {c.min_words} asked")
@@ -134,5 +131,14 @@ def check(text: str, c: Constraints) -> Checked:
             problems.append(f"required: {term!r} missing")
     if not cut.strip():
         problems.append("empty: nothing within the limits")
-    prose = bool(c.max_words or c.min_words)
-    return Checked(cut, problems, unfinished=prose and not _SENTENCE_END.search(cut.strip()))
+    return problems
+
+
+def check(text: str, c: Constraints) -> Checked:
+    """The text cut to the hard limits (at a finished sentence if that keeps every rule), and every
+    rule it breaks."""
+    cuts = _cuts(text, c) if (c.max_chars or c.max_words) else [text]
+    judged = [Checked(cut, _violations(cut, c)) for cut in cuts]
+    best = min(judged, key=lambda j: len(j.violations))  # the first (a sentence end) on a tie
+    best.unfinished = bool(c.max_words or c.min_words) and not _SENTENCE_END.search(best.text.strip())
+    return best
