@@ -206,3 +206,18 @@ def test_body_that_is_not_an_object_is_400(http, api_key: str, content: bytes) -
     error = response.json()["error"]
     assert response.status_code == 400 and error["code"] == "invalid_value" and error["param"] is None
     assert error["message"] == "The request body must be a JSON object."
+
+
+def test_output_controls_are_accepted_at_create(client: openai.OpenAI) -> None:
+    schema = {"type": "object", "properties": {"headline": {"type": "string", "maxLength": 40}},
+              "required": ["headline"]}
+    batch = create_with(client, jsonl([
+        with_body("variants", n=8, temperature=0.9, seed=3),
+        with_body("brief", constraints={"min_words": 40, "max_words": 60, "banned": ["!"], "required": ["cotton"]}),
+        with_body("headline", constraints={"preset": "google_ads_headline", "banned": ["acme"],
+                                           "banned_case_insensitive": True}),
+        with_body("json", response_format={"type": "json_schema", "json_schema": {"name": "ad", "schema": schema,
+                                                                                   "strict": True}}),
+        with_body("object", response_format={"type": "json_object"}, logit_bias={"13": -100}),
+    ]))
+    assert batch.request_counts.total == 5

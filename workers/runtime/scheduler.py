@@ -171,9 +171,16 @@ class Scheduler:
             budget -= num_new
         if plan.preempted:  # the pool is full: admitting more would only preempt again
             return plan
+        # First prompt blocks that a running request is still computing: a waiting request that opens with
+        # the same block waits a step for the cache instead of computing it too (n choices of one prompt,
+        # a batch's shared system prompt).
+        computing = {self._first_block(r) for r in self.running if r.num_computed_tokens < r.num_prompt_tokens}
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
             prefix = self.kv.find_prefix(request.request_id, request.token_ids, request.cache_key)
+            first = self._first_block(request)
+            if prefix.num_tokens == 0 and first is not None and first in computing:
+                break
             num_new = min(len(request.token_ids) - prefix.num_tokens, budget)  # the rest in later chunks
             if not self.kv.allocate_slots(request.request_id, prefix.num_tokens + num_new, prefix):
                 break
@@ -183,7 +190,17 @@ class Scheduler:
             self.running.append(request)
             plan.scheduled.append(ScheduledRequest(request, prefix.num_tokens, num_new))
             budget -= num_new
+            if prefix.num_tokens == 0:
+                computing.add(first)
         return plan
+
+    def _first_block(self, request: EngineRequest) -> tuple | None:
+        """The key of a request's first full prompt block (None when its prompt is shorter, or without
+        prefix caching)."""
+        bs = self.kv.block_size
+        if not self.kv.enable_prefix_caching or request.num_prompt_tokens < bs:
+            return None
+        return request.cache_key, tuple(request.token_ids[:bs])
 
     def _grow(self, request: EngineRequest, num_new: int, plan: StepPlan) -> bool:
         """Blocks for num_new more tokens of a running request, preempting the newest running requests
