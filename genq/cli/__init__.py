@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from genq.cli import client, embedded, feedback, servers
+from genq.cli import catalog, client, embedded, feedback, servers
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="genq: self-hosted, OpenAI-compatible batch generation.")
@@ -19,6 +19,7 @@ keys_app.command("create")(servers.keys_create)
 keys_app.command("list")(servers.keys_list)
 keys_app.command("revoke")(servers.keys_revoke)
 app.add_typer(keys_app, name="keys")
+app.add_typer(catalog.app, name="catalog")
 for _command in (embedded.run, client.submit, client.status, client.results, feedback.feedback):
     app.command()(_command)
 

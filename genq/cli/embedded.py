@@ -51,6 +51,25 @@ def _copy_input(src: Path, store: Any, key: str, model: str | None) -> tuple[int
     return size, endpoint
 
 
+def _batch_from_catalog(catalog: Path, template: Path | None, system: Path | None) -> Path:
+    """The batch file built from a catalog CSV beside it (FILE.jsonl), every row rendered first."""
+    from genq.catalog import CatalogError, build_batch, read_catalog, write_jsonl
+
+    if template is None:
+        console.print(f"[red]{catalog}: a CSV needs --template (the user message for each row)[/]")
+        raise typer.Exit(EXIT_INVALID_INPUT)
+    try:
+        lines = build_batch(read_catalog(catalog), template.read_text(encoding="utf-8"),
+                            system=system.read_text(encoding="utf-8").strip() if system else None,
+                            source=catalog.name)
+    except CatalogError as exc:
+        console.print(f"[red]{catalog}: {exc}[/]")
+        raise typer.Exit(EXIT_INVALID_INPUT) from None
+    out = catalog.with_suffix(".jsonl")
+    write_jsonl(lines, out)
+    return out
+
+
 def _served_with_engines(models: list[str]) -> list[Any]:
     """The loaded models with an engine in this process (none for a runtime without one, or a model that
     does not load: run_shard reports that per shard)."""
@@ -81,8 +100,15 @@ def run(
                                                 "as *.errors.jsonl. Default: FILE.output.jsonl.")] = None,
     model: Annotated[str | None, typer.Option(help="Run every line on this model instead of body.model.")] = None,
     home: Annotated[Path | None, typer.Option(help="Where the embedded database and store live [GENQ_HOME].")] = None,
+    template: Annotated[Path | None, typer.Option(exists=True, dir_okay=False, help="With a CSV FILE: the user "
+                                                  "message template (as `genq catalog build`).")] = None,
+    system: Annotated[Path | None, typer.Option(exists=True, dir_okay=False, help="With a CSV FILE: a system "
+                                                "prompt file.")] = None,
 ) -> None:
-    """Run a batch file here, without servers, and write OpenAI-format results."""
+    """Run a batch file (or a catalog CSV with --template) here, without servers, and write OpenAI-format
+    results."""
+    if file.suffix.lower() == ".csv":
+        file = _batch_from_catalog(file, template, system)
     from sqlalchemy import select
 
     from api.batch_service import create_batch

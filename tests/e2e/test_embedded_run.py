@@ -62,3 +62,28 @@ def test_ctrl_c_keeps_finished_requests(tiny_models_file, tmp_path):
     assert 1 <= len(output) < 48 and len(output) + len(errors) == 48
     assert {e["error"]["code"] for e in errors} == {"batch_cancelled"}
     assert "cancelled" in stderr
+
+
+def test_a_catalog_csv_runs_with_a_template_and_joins_back(tiny_models_file, tmp_path):
+    catalog = tmp_path / "catalog.csv"
+    catalog.write_text("sku,title\nA1,Sock\nB2,Bottle\nC3,Tote\n")
+    template = tmp_path / "t.j2"
+    template.write_text("Describe {{ title }}.")
+    env = embedded_env(tiny_models_file)
+    out = tmp_path / "out.jsonl"
+    done = subprocess.run(genq("run", str(catalog), "--template", str(template), "--model", TINY, "-o", str(out),
+                               "--home", str(tmp_path / "h")), cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert len(out.read_text().splitlines()) == 3
+    enriched = tmp_path / "enriched.csv"
+    done = subprocess.run(genq("catalog", "join", str(catalog), str(out), "-o", str(enriched)), cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    table = enriched.read_text().splitlines()
+    assert table[0] == "sku,title,generated,error" and len(table) >= 4
+    bad = tmp_path / "bad.j2"
+    bad.write_text("{{ colour }}")
+    done = subprocess.run(genq("run", str(catalog), "--template", str(bad), "--home", str(tmp_path / "h2")),
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "row 1" in done.stderr + done.stdout and "'colour'" in done.stderr + done.stdout
