@@ -77,7 +77,7 @@ class Settings(BaseSettings):
     default_max_tokens: int = 1024
     # Candidates drawn per choice of a line with constraints or a JSON schema before it fails with
     # constraints_not_met (each is a full generation: the bound on what a hard-to-meet line costs).
-    max_candidates_per_choice: int = 4
+    max_candidates_per_choice: int = 8
 
     api_host: str = "127.0.0.1"
     api_port: int = 8000

@@ -55,7 +55,7 @@ class LineChoices:
     n: int = 1
     constraints: Constraints | None = None
     json_schema: str | None = None
-    max_candidates_per_choice: int = 4
+    max_candidates_per_choice: int = 8
     accepted: list[GenerationResult] = field(default_factory=list)
     tried: int = 0
     completion_tokens: int = 0  # every candidate's, rejected ones included
