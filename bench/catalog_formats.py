@@ -71,14 +71,15 @@ def main() -> int:
         rows = list(csv.DictReader(f))
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
+        valid = 0
         # JSON schema
-        lines = [line(f"j{i}", f"{product(rows[i % len(rows)])}\n\nWrite the product's listing as JSON with a "
+        ask = "Write the product's listing as JSON with a "
+        lines = [] if not args.json else [line(f"j{i}", f"{product(rows[i % len(rows)])}\n\n{ask}"
                  "title, a short headline, a description and three bullets.", max_tokens=400, temperature=0.7,
                  seed=i, response_format={"type": "json_schema", "json_schema": {"name": "listing",
                                                                                   "schema": SCHEMA}})
                  for i in range(args.json)]
-        ok, errors, wall, _ = genq_run("json", lines, work)
-        valid = 0
+        ok, errors, wall, _ = genq_run("json", lines, work) if lines else ({}, {}, 0.0, "")
         for x in ok.values():
             try:
                 jsonschema.validate(json.loads(x["response"]["body"]["choices"][0]["message"]["content"]), SCHEMA)
