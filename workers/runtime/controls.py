@@ -18,7 +18,6 @@ Vocabulary lookups (token texts, sorted for prefix search) are built once per to
 from __future__ import annotations
 
 import bisect
-import json
 import re
 from collections.abc import Sequence
 from functools import cached_property
@@ -250,7 +249,3 @@ class ControlFactory:
             out.append(WordLimits(controls, self.vocab))  # last: its forced end-of-text overrides a bias
         return out
 
-
-def schema_text(schema: dict | None) -> str:
-    """The JSON text a JsonGrammar compiles ("{}": any JSON object)."""
-    return "{}" if schema is None else json.dumps(schema, sort_keys=True)
