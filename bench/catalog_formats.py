@@ -4,10 +4,13 @@
 
     json        --json products, response_format json_schema with 4 required fields (title, headline
                 under 40 characters, description, bullets: 3 strings): how many outputs parse and validate
-    variants    --variants products with n 8 (temperature 0.9): distinct choices per request, and the
-                same choices again from the same seeds
+    variants    --variants products with n 8 (temperature 0.9): distinct choices per request, the
+                same choices again from the same seeds, and the engine's prefix-cache hit rate (the
+                prompt is computed once for a request's 8 choices: at most 7/8 of its tokens come from
+                cache, less the last partial block that each choice computes)
     headlines   --headlines headlines with constraints.preset google_ads_headline (30 characters):
-                how many are at most 30 characters
+                how many are at most 30 characters, and how many were cut mid-word (against the same
+                lines run without the preset)
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import argparse
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -79,7 +83,8 @@ def main() -> int:
                  seed=i, response_format={"type": "json_schema", "json_schema": {"name": "listing",
                                                                                   "schema": SCHEMA}})
                  for i in range(args.json)]
-        ok, errors, wall, _ = genq_run("json", lines, work) if lines else ({}, {}, 0.0, "")
+        ok, errors, wall, log = genq_run("json", lines, work) if lines else ({}, {}, 0.0, "")
+        print(log[-600:]) if os.environ.get("BENCH_VERBOSE") else None
         for x in ok.values():
             try:
                 jsonschema.validate(json.loads(x["response"]["body"]["choices"][0]["message"]["content"]), SCHEMA)
@@ -92,24 +97,38 @@ def main() -> int:
         # Variants
         lines = [line(f"v{i}", f"{product(rows[i])}\n\nWrite a one-sentence ad for this product.", n=8,
                       temperature=0.9, seed=i, max_tokens=48) for i in range(args.variants)]
-        runs = [genq_run(f"variants{k}", lines, work) for k in range(2)]
+        runs = [genq_run(f"variants{k}", lines, work) for k in range(2)] if lines else [({}, {}, 0.0, "")] * 2
         choices = [{cid: [c["message"]["content"] for c in x["response"]["body"]["choices"]] for cid, x in r[0].items()}
                    for r in runs]
         distinct = [len(set(v)) for v in choices[0].values()]
+        hits = re.search(r"prefix cache: ([\d.]+%)", runs[0][3])
         print(f"variants: {len(choices[0])}/{args.variants} lines, {sum(d == 8 for d in distinct)} with 8 distinct "
               f"choices (min {min(distinct, default=0)}), same choices from the same seeds: "
-              f"{choices[0] == choices[1]} ({runs[0][2]:.0f} s)")
+              f"{choices[0] == choices[1]}; prefix cache hits {hits.group(1) if hits else 'n/a'} of prompt tokens "
+              f"({runs[0][2]:.0f} s)")
         # Headlines
         lines = [line(f"h{i}", f"{product(rows[i % len(rows)])}\n\nWrite a Google Ads headline for this product.",
                       temperature=0.8, seed=i, max_tokens=24, constraints={"preset": "google_ads_headline"})
                  for i in range(args.headlines)]
-        ok, errors, wall, _ = genq_run("headlines", lines, work)
-        texts = [x["response"]["body"]["choices"][0]["message"]["content"] for x in ok.values()]
-        over = sum(len(t) > 30 for t in texts)
-        mean = sum(map(len, texts)) / max(1, len(texts))
+        ok, errors, wall, _ = genq_run("headlines", lines, work) if lines else ({}, {}, 0.0, "")
+        # The same lines without the preset: up to the limit, the same tokens (same seed, no other
+        # control), so each headline must be a prefix of its twin that ends where a word ends.
+        for x in lines:
+            del x["body"]["constraints"]
+        twins, _, _, _ = genq_run("headlines_plain", lines, work) if lines else ({}, {}, 0.0, "")
+        texts = {cid: x["response"]["body"]["choices"][0]["message"]["content"] for cid, x in ok.items()}
+        over = sum(len(t) > 30 for t in texts.values())
+        mean = sum(map(len, texts.values())) / max(1, len(texts))
+        first_try = [cid for cid, x in ok.items() if x["response"]["body"]["usage"].get("candidates", 1) == 1]
+        mid_word = 0
+        for cid in first_try:
+            text, twin = texts[cid], twins[cid]["response"]["body"]["choices"][0]["message"]["content"].strip()
+            mid_word += not (twin.startswith(text) and (len(twin) == len(text) or not twin[len(text)].isalnum()))
         print(f"headlines: {len(texts)}/{args.headlines} written ({len(errors)} error lines), {over} over 30 "
-              f"characters, longest {max(map(len, texts), default=0)}, mean {mean:.1f} ({wall:.0f} s)")
-        print(f"json_valid={valid}/{args.json} headlines_over_30={over} variants_all_distinct="
+              f"characters, longest {max(map(len, texts.values()), default=0)}, mean {mean:.1f}; "
+              f"{mid_word} of the {len(first_try)} first candidates cut mid-word ({wall:.0f} s)")
+        print(f"json_valid={valid}/{args.json} headlines_over_30={over} headlines_cut_mid_word={mid_word} "
+              f"variants_all_distinct="
               f"{sum(d == 8 for d in distinct)}/{len(distinct)}")
     return 0
 

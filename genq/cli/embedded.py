@@ -242,6 +242,8 @@ def run(
     tokens = usage.get("output_tokens", 0)
     console.print(f"batch {batch_id} {status} in {elapsed:.1f}s: {lines['output']} succeeded, {lines['errors']} "
                   f"failed; {tokens} completion tokens ({tokens / max(elapsed, 1e-9):.1f} tok/s)")
+    for engine in engines:
+        console.print(f"prefix cache: {engine.stats().prefix_hit_rate:.1%} of prompt tokens served from cache")
     if "output" in outputs:
         console.print(f"results: {output}")
     if lines["errors"]:

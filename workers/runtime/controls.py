@@ -8,8 +8,8 @@ logits row [V] (workers.runtime.types.LogitsProcessor) and changes the row in pl
                      across the boundary with the text so far ("...Acm" + "e"); case folded if asked
     WordLimits       end-of-text masked below min_words; only end-of-text once the text is past
                      max_chars or max_words (the job layer then cuts it back to a word boundary)
-    RequiredTerms    once the text ends with the first 4+ characters of a missing required term at a
-                     word boundary, only tokens that go on spelling it
+    RequiredTerms    end-of-text masked while a required term is missing, its first token favoured
+                     at word starts (more as the text grows); once begun, only tokens spelling it on
     JsonGrammar      xgrammar's token bitmask for a JSON schema (or any JSON object)
 
 Vocabulary lookups (token texts, sorted for prefix search) are built once per tokenizer.
@@ -139,10 +139,9 @@ class WordLimits:
         eos = self.eos.to(logits.device)
         over = (self.max_chars is not None and len(text) > self.max_chars) or \
             (self.max_words is not None and words > self.max_words)
-        if over:
-            keep = logits[eos].clone()
+        if over:  # end now, even where another processor masked end-of-text
             logits.fill_(float("-inf"))
-            logits[eos] = keep
+            logits[eos] = 0.0
         elif words < self.min_words:
             logits[eos] = float("-inf")
         if not over and self.max_words is not None and words >= max(self.min_words, self.max_words - self.CLOSING):
@@ -150,54 +149,101 @@ class WordLimits:
 
 
 class RequiredTerms:
-    """A missing term's first token is favoured at word starts (+BIAS); once the text ends with the
-    term's first token, or its first 4+ characters, at a word boundary, only its spelling goes on."""
+    """While a term is missing, end-of-text is masked and the term's first token is favoured where a
+    word may start, more strongly the longer the text (BIAS + RAMP per word). Once the limits leave
+    only room for the missing terms and a closing sentence, the next word the model starts is the
+    term. Once the text ends with a term's first token, or its first 4+ characters, at a word
+    boundary, only tokens that go on spelling it (in the case it was written, where the vocabulary allows)."""
 
     _TRIGGER = 4
     BIAS = 4.0
+    RAMP = 0.25
+    _SPARE_CHARS = 4  # characters left after a term forced under max_chars
 
-    def __init__(self, required: list[str], vocab: Vocabulary) -> None:
-        self.terms = [t.lower() for t in required]
+    def __init__(self, controls: DecodingControls, vocab: Vocabulary) -> None:
+        self.written = list(controls.required)
+        self.terms = [t.lower() for t in self.written]
+        self.max_words, self.max_chars = controls.max_words, controls.max_chars
         self.vocab = vocab
         self.text = _FollowedText(vocab.tokenizer)
-        tokenizer = vocab.tokenizer
-        # The term's first token after a space and at the start of the text: the model's ways to begin it.
-        self.openers = {term: sorted({tokenizer.encode(" " + t, add_bos=False)[0] for t in (term, term.title())} |
-                                     {tokenizer.encode(t, add_bos=False)[0] for t in (term, term.title())})
-                        for term in required}
-        self.first_pieces = {t.lower(): {vocab.lowered[i].strip() for i in ids} for t, ids in self.openers.items()}
+        self.eos = torch.tensor(vocab.eos_ids, dtype=torch.int64)
+        encode = vocab.tokenizer.encode
+        spellings = [(term, term.title(), term.capitalize()) for term in self.written]
+        # The model's ways to begin a term: after a word (" Gore", the token brings its space) and
+        # after a space or at the start ("Gore").
+        self.after_word = [self._firsts(encode(" " + t, add_bos=False) for t in ts) for ts in spellings]
+        self.after_space = [self._firsts(encode(t, add_bos=False) for t in ts) for ts in spellings]
+        self.first_pieces = [{vocab.lowered[i].strip() for i in a.tolist() + b.tolist()}
+                             for a, b in zip(self.after_word, self.after_space, strict=True)]
+
+    def _firsts(self, encodings) -> torch.Tensor:
+        ids = {ids[0] for ids in encodings if ids and self.vocab.texts[ids[0]].strip()}
+        return torch.tensor(sorted(ids), dtype=torch.int64)
 
     def __call__(self, output_token_ids: Sequence[int], logits: torch.Tensor) -> None:
-        text = self.text.update(output_token_ids).lower()
-        for term, openers in zip(self.terms, self.openers.values(), strict=True):
-            if term in text:
-                continue
-            rest = self._rest(text, term)
-            if rest is None:
-                if not text or text[-1].isspace() or not text[-1].isalnum():
-                    logits[torch.tensor(openers, dtype=torch.int64, device=logits.device)] += self.BIAS
-                continue
-            allowed = set(self.vocab.starting_with(rest, True))
-            allowed.update(i for k in range(1, len(rest)) for i in self._exact(rest[:k]))
+        raw = self.text.update(output_token_ids)
+        text = raw.lower()
+        missing = [k for k, term in enumerate(self.terms) if term not in text]
+        if not missing:
+            return
+        logits[self.eos.to(logits.device)] = float("-inf")
+        for k in missing:
+            allowed = self._spelling(text, k)
             if allowed:
                 mask = torch.full_like(logits, float("-inf"))
-                index = torch.tensor(sorted(allowed), dtype=torch.int64, device=logits.device)
-                mask[index] = 0.0
+                mask[torch.tensor(allowed, dtype=torch.int64, device=logits.device)] = 0.0
                 logits.add_(mask)
                 return
+        after_word = bool(text) and not text[-1].isspace()
+        after_space = not text or text[-1].isspace() or text[-1] in "(\"'“‘"
+        if self._due(raw, missing) and self._at_word_start(raw, logits):
+            openers = self.after_word[missing[0]] if after_word else self.after_space[missing[0]]
+            if len(openers):
+                mask = torch.full_like(logits, float("-inf"))
+                mask[openers.to(logits.device)] = 0.0
+                logits.add_(mask)
+                return
+        bias = self.BIAS + self.RAMP * len(_WORD.findall(text))
+        for k in missing:
+            if after_word:
+                logits[self.after_word[k].to(logits.device)] += bias
+            if after_space:
+                logits[self.after_space[k].to(logits.device)] += bias
 
-    def _rest(self, text: str, term: str) -> str | None:
-        """What is left to type of term when the text ends with its beginning at a word start."""
-        shortest = min([self._TRIGGER, len(term) - 1, *(len(p) for p in self.first_pieces[term] if p)])
-        for k in range(len(term) - 1, max(1, shortest) - 1, -1):
-            start = len(text) - k
-            if text.endswith(term[:k]) and (start == 0 or not text[start - 1].isalnum()):
-                if k >= self._TRIGGER or term[:k] in self.first_pieces[term]:
-                    return term[k:]
-        return None
+    def _due(self, raw: str, missing: list[int]) -> bool:
+        """Whether the limits leave room for little more than the missing terms."""
+        text = raw.strip()
+        words = sum(len(self.terms[k].split()) for k in missing)
+        chars = sum(len(self.terms[k]) + 1 for k in missing)
+        return (self.max_words is not None and len(_WORD.findall(text)) >= self.max_words - WordLimits.CLOSING - words) \
+            or (self.max_chars is not None and len(text) + chars >= self.max_chars - self._SPARE_CHARS)
 
-    def _exact(self, piece: str) -> list[int]:
-        return [i for i in self.vocab.starting_with(piece, True) if self.vocab.lowered[i] == piece]
+    def _at_word_start(self, raw: str, logits: torch.Tensor) -> bool:
+        """Whether the next token starts a word: the text ends with a space or punctuation, or the
+        model's own first choice begins with one (so a term never splits the word being written)."""
+        if not raw or not raw[-1].isalnum():
+            return True
+        top = self.vocab.texts[int(logits.argmax())]
+        return bool(top) and not top[0].isalnum()
+
+    def _spelling(self, text: str, k: int) -> list[int]:
+        """The tokens that go on spelling term k when the text ends with its beginning at a word start."""
+        term, pieces = self.terms[k], self.first_pieces[k]
+        shortest = min([self._TRIGGER, len(term) - 1, *(len(p) for p in pieces if p)])
+        for n in range(len(term) - 1, max(1, shortest) - 1, -1):
+            start = len(text) - n
+            if text.endswith(term[:n]) and (start == 0 or not text[start - 1].isalnum()):
+                if n >= self._TRIGGER or term[:n] in pieces:
+                    return self._continuing(self.written[k][n:], False) or self._continuing(term[n:], True)
+        return []
+
+    def _continuing(self, rest: str, case_insensitive: bool) -> list[int]:
+        """Tokens that begin with rest, or are exactly a prefix of it."""
+        texts = self.vocab.lowered if case_insensitive else self.vocab.texts
+        allowed = set(self.vocab.starting_with(rest, case_insensitive))
+        allowed.update(i for j in range(1, len(rest)) for i in self.vocab.starting_with(rest[:j], case_insensitive)
+                       if texts[i] == rest[:j])
+        return sorted(allowed)
 
 
 class JsonGrammar:
@@ -244,7 +290,7 @@ class ControlFactory:
         if controls.banned:
             out.append(BannedStrings(controls.banned, controls.banned_case_insensitive, self.vocab))
         if controls.required:
-            out.append(RequiredTerms(controls.required, self.vocab))
+            out.append(RequiredTerms(controls, self.vocab))
         if controls.min_words or controls.max_chars or controls.max_words:
             out.append(WordLimits(controls, self.vocab))  # last: its forced end-of-text overrides a bias
         return out

@@ -129,6 +129,9 @@ class Engine:
             return self.controls.processors(request.controls)  # type: ignore[arg-type]
         except (RuntimeError, ValueError) as exc:  # a schema xgrammar cannot compile
             raise InvalidGenerationRequest(f"the output controls cannot be built: {exc}") from exc
+        except Exception as exc:  # a bug in a processor: this request's error, not the engine's
+            log.exception("building the output controls of %s failed", request.request_id)
+            raise InvalidGenerationRequest(f"the output controls cannot be built: {type(exc).__name__}") from exc
 
     def add_request(self, request_id: str, request: GenerationRequest) -> None:
         """Queues a request under the engine's id request_id (unique among what the engine holds)."""

@@ -134,11 +134,11 @@ class EngineLoop:
                 if self._closing:
                     return
                 calls, self._inbox = self._inbox, []
-            for fn in calls:
-                fn()
-            if not self.engine.has_unfinished():
-                continue
             try:
+                for fn in calls:
+                    fn()
+                if not self.engine.has_unfinished():
+                    continue
                 finished = self.engine.step()
             except Exception as exc:  # EngineFailure, or a bug: never leave a handle waiting forever
                 failure = exc if isinstance(exc, EngineFailure) else EngineFailure(f"{type(exc).__name__}: {exc}")

@@ -78,3 +78,10 @@ def test_logit_bias_forbids_a_token(bundled_lm):
     biased = bundled_lm.generate(_requests(bundled_lm, DecodingControls(logit_bias={first: -100}),
                                            temperature=0, max_tokens=16))
     assert all(first not in r.token_ids for r in biased)
+
+
+def test_required_terms_are_written_before_the_text_ends(bundled_lm):
+    terms = ["recycled polyester", "Gore-Tex"]  # terms no product of the prompt names
+    controls = DecodingControls(required=terms, max_words=40)
+    for result in bundled_lm.generate(_requests(bundled_lm, controls, prompt="Describe {}.", max_tokens=80)):
+        assert all(t.lower() in result.text.lower() for t in terms), result.text

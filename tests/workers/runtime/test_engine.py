@@ -14,7 +14,9 @@ from tests.workers.runtime.tiny_checkpoints import EOS_ID, random_hf_state, tiny
 from workers.runtime.engine import Engine, EngineConfig
 from workers.runtime.errors import ContextLengthError, GenerationFailedError, InvalidGenerationRequest
 from workers.runtime.loader import LoadedModel, load_checkpoint
-from workers.runtime.types import GenerationRequest, SamplingParams
+from workers.runtime.engine_loop import EngineLoop
+from workers.runtime.errors import EngineFailure
+from workers.runtime.types import DecodingControls, GenerationRequest, SamplingParams
 
 CONTEXT = 160
 
@@ -190,6 +192,32 @@ def test_a_request_that_breaks_the_model_fails_alone(tiny_lm, monkeypatch):
     assert isinstance(results[3].error, GenerationFailedError) and "kernel fault" in str(results[3].error)
     assert [r.token_ids for r in results[:3] + results[4:]] == [r.token_ids for r in expected]
     assert eng.kv.usage == 0.0
+
+
+def test_a_processor_that_cannot_be_built_fails_only_its_request(tiny_lm, monkeypatch):
+    eng = engine(tiny_lm)
+
+    def broken(controls):
+        raise IndexError("a bug")
+
+    monkeypatch.setattr(eng.controls, "processors", broken)
+    controlled = dataclasses.replace(req("ctl", [1, 2], max_tokens=2), controls=DecodingControls(banned=["x"]))
+    results = eng.generate([controlled, req("ok", [1, 2], temperature=0, max_tokens=2)])
+    assert isinstance(results[0].error, InvalidGenerationRequest) and "IndexError" in str(results[0].error)
+    assert results[1].error is None and results[1].completion_tokens == 2
+
+
+def test_the_loop_fails_its_handles_rather_than_hang_when_adding_raises(tiny_lm, monkeypatch):
+    eng = engine(tiny_lm)
+    loop = EngineLoop(eng, name="test")
+    monkeypatch.setattr(eng, "add_request", lambda *a: (_ for _ in ()).throw(KeyError("a bug")))
+    handle = loop.submit([req("a", [1, 2], max_tokens=2)])
+    with pytest.raises(EngineFailure, match="KeyError"):
+        handle.results(timeout=10)
+    monkeypatch.undo()
+    later = loop.submit([req("b", [1, 2], temperature=0, max_tokens=2)])  # the loop goes on
+    assert [r.completion_tokens for r in later.results(timeout=10)] == [2]
+    loop.close()
 
 
 def test_abort_releases_everything(tiny_lm):
