@@ -25,6 +25,8 @@ import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.utils import missing
 
+from genq.jsonl import batch_lines
+
 DEFAULT_MODEL = "smollm2-135m-instruct"
 NO_RESULT = "no result"  # the error of a row that no output or error line names
 
@@ -109,19 +111,7 @@ def read_jsonl(path: Path | None) -> list[dict[str, Any]]:
     batch with no failures has no error file). CatalogError naming the line for one that is not a batch line."""
     if path is None or not path.exists():
         return []
-    objects = []
-    with path.open("rb") as f:  # split on \n only: JSON text may hold U+2028, which str.splitlines splits on
-        for number, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                item = json.loads(raw)
-            except ValueError as exc:
-                raise CatalogError(f"{path.name} line {number}: not JSON ({exc})") from None
-            if not isinstance(item, dict) or not isinstance(item.get("custom_id"), str):
-                raise CatalogError(f"{path.name} line {number}: not a batch line with a string custom_id")
-            objects.append(item)
-    return objects
+    return [item for _, item in batch_lines(path, CatalogError, label=path.name)]
 
 
 # ---- templates

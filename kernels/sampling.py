@@ -18,6 +18,7 @@ the CPU path and the test oracle.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -30,8 +31,16 @@ try:
 except ImportError:  # CPU-only install: the reference below is the whole sampler
     triton = None
 
-# u is clamped away from 0 so that -log(-log(u)) stays finite (vLLM's bound).
+# u is clamped into [_MIN_UNIFORM, _MAX_UNIFORM] so that g = -log(-log(u)) stays finite: away from 0
+# (vLLM's bound), and below 1, which rand returns when its int32 rounds up to 2**31 in float32 (a
+# chance of 3e-8 per entry that would give g = +inf, a token drawn uniformly from the whole vocabulary).
 _MIN_UNIFORM = 4.66e-10
+_MAX_UNIFORM = 1.0 - 2.0**-24  # the largest float32 below 1
+# So g lies in [_GUMBEL_LOW, _GUMBEL_HIGH] = [-3.07, 16.64], and a token whose scaled logit is below the
+# row's best by more than the spread can never win the argmax (the margin covers float32 rounding).
+_GUMBEL_LOW = -math.log(-math.log(_MIN_UNIFORM))
+_GUMBEL_HIGH = -math.log(-math.log(_MAX_UNIFORM))
+_GUMBEL_SPREAD = _GUMBEL_HIGH - _GUMBEL_LOW + 1.0
 
 
 @dataclass
@@ -69,7 +78,7 @@ if triton is not None:
     def _gumbel(row_key, idx):
         """g = -log(-log(u)), u = rand(row_key, vocab index), as _gumbel_reference."""
         u = tl.rand(row_key[:, None], idx)  # [ROWS, BLOCK_V]
-        u = tl.maximum(u, 4.66e-10)
+        u = tl.minimum(tl.maximum(u, 4.66e-10), 0.99999994)  # _MIN_UNIFORM, _MAX_UNIFORM
         return -tl.log(-tl.log(u))
 
     @triton.jit
@@ -411,18 +420,21 @@ def apply_top_k_top_p_min_p_reference(logits: torch.Tensor, meta: SamplingMetada
 
 def _gumbel_reference(row_key: torch.Tensor, vocab_index: torch.Tensor) -> torch.Tensor:
     """Gumbel noise g = -log(-log(u)), u = rand(row_key, vocab index); row_key = randint(seed, position)."""
-    u = philox_uniform(row_key, vocab_index).clamp(min=_MIN_UNIFORM)
+    u = philox_uniform(row_key, vocab_index).clamp(min=_MIN_UNIFORM, max=_MAX_UNIFORM)
     return -torch.log(-torch.log(u))
 
 
 def _gumbel_argmax_reference(x: torch.Tensor, row_key: torch.Tensor) -> torch.Tensor:
-    """argmax(x + g) per row of filtered logits x [R, V], drawing noise only where x is finite.
+    """argmax(x + g) per row of filtered logits x [R, V], drawing noise only where x could win.
 
-    Equal to argmax(x + g) with noise g drawn for every entry: filtered entries are -inf either way, and the
-    noise of an entry depends only on (row_key, vocabulary index). Philox on the CPU costs ~150
-    integer ops per entry, so after top-p (tens of survivors) this is ~1000x less work.
+    Equal to argmax(x + g) with noise g drawn for every entry: filtered entries are -inf either way,
+    g is bounded (_GUMBEL_LOW..._GUMBEL_HIGH) so an entry more than _GUMBEL_SPREAD below its row's
+    best never wins, and the noise of an entry depends only on (row_key, vocabulary index). Philox on
+    the CPU costs ~150 integer ops per entry: after top-p (tens of survivors), or without it after
+    the bound (hundreds of 49k), this is 100-1000x less work.
     """
-    rows, cols = torch.isfinite(x).nonzero(as_tuple=True)
+    best = x.max(dim=-1, keepdim=True).values
+    rows, cols = (torch.isfinite(x) & (x >= best - _GUMBEL_SPREAD)).nonzero(as_tuple=True)
     scores = torch.full_like(x, float("-inf"))
     scores[rows, cols] = x[rows, cols] + _gumbel_reference(row_key[rows], cols)
     return torch.argmax(scores, dim=-1)

@@ -8,7 +8,6 @@ comment optional; a later row for a custom_id replaces an earlier one, as a late
 from __future__ import annotations
 
 import csv
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -27,6 +26,7 @@ from genq.feedback_export import (
     request_messages,
     training_jsonl,
 )
+from genq.jsonl import batch_lines
 
 CSV_COLUMNS = ("custom_id", "rating", "corrected", "comment")
 REQUIRED_COLUMNS = ("custom_id", "rating")
@@ -54,21 +54,7 @@ class InputRequest:
 
 
 def _jsonl_objects(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    """(1-based line, object) for every non-blank line of a JSONL file; FeedbackInputError for one that
-    is not a JSON object."""
-    objects = []
-    with path.open("rb") as lines:
-        for number, raw in enumerate(lines, start=1):
-            if not raw.strip():
-                continue
-            try:
-                item = json.loads(raw)
-            except ValueError as exc:
-                raise FeedbackInputError(f"{path} line {number}: not JSON ({exc})") from None
-            if not isinstance(item, dict) or not isinstance(item.get("custom_id"), str):
-                raise FeedbackInputError(f"{path} line {number}: not a batch line with a string custom_id")
-            objects.append((number, item))
-    return objects
+    return batch_lines(path, FeedbackInputError)
 
 
 def _text(value: Any) -> str:

@@ -10,6 +10,8 @@ from kernels.sampling import (
     CUDA_SAMPLING_CONFIG,
     SamplingConfig,
     SamplingMetadata,
+    _gumbel_argmax_reference,
+    _gumbel_reference,
     apply_penalties_reference,
     apply_top_k_top_p_min_p_reference,
     filtered_logits_triton,
@@ -335,3 +337,19 @@ def test_kernels_import_and_sample_without_triton():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[1, 0]"
+
+
+def test_noise_drawn_only_where_a_token_could_win_gives_the_full_vocabulary_argmax():
+    """The reference draws Gumbel noise only within _GUMBEL_SPREAD of each row's best logit: the same
+    tokens as noise on every entry, on rows whose top logits lie a few units apart (so that the best
+    logit often loses to one within the spread) and whose tail lies far below."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 5000) * 8
+    x[:, ::7] = float("-inf")  # some filtered entries
+    row_key = torch.arange(64, dtype=torch.int64) * 7919 + 11
+    cols = torch.arange(x.shape[1], dtype=torch.int64)
+    full = torch.argmax(x + _gumbel_reference(row_key[:, None], cols[None, :]), dim=-1)
+    assert torch.equal(_gumbel_argmax_reference(x, row_key), full)
+    narrow = torch.randn(64, 5000) * 2  # every entry within the spread: all drawn
+    full = torch.argmax(narrow + _gumbel_reference(row_key[:, None], cols[None, :]), dim=-1)
+    assert torch.equal(_gumbel_argmax_reference(narrow, row_key), full)

@@ -215,8 +215,9 @@ class RequiredTerms:
         text = raw.strip()
         words = sum(len(self.terms[k].split()) for k in missing)
         chars = sum(len(self.terms[k]) + 1 for k in missing)
-        return (self.max_words is not None and len(_WORD.findall(text)) >= self.max_words - WordLimits.CLOSING - words) \
-            or (self.max_chars is not None and len(text) + chars >= self.max_chars - self._SPARE_CHARS)
+        word_room = self.max_words is not None and \
+            len(_WORD.findall(text)) >= self.max_words - WordLimits.CLOSING - words
+        return word_room or (self.max_chars is not None and len(text) + chars >= self.max_chars - self._SPARE_CHARS)
 
     def _at_word_start(self, raw: str, logits: torch.Tensor) -> bool:
         """Whether the next token starts a word: the text ends with a space or punctuation, or the

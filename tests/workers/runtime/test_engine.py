@@ -12,10 +12,9 @@ import torch
 
 from tests.workers.runtime.tiny_checkpoints import EOS_ID, random_hf_state, tiny_hf_config, write_hf_dir
 from workers.runtime.engine import Engine, EngineConfig
-from workers.runtime.errors import ContextLengthError, GenerationFailedError, InvalidGenerationRequest
-from workers.runtime.loader import LoadedModel, load_checkpoint
 from workers.runtime.engine_loop import EngineLoop
-from workers.runtime.errors import EngineFailure
+from workers.runtime.errors import ContextLengthError, EngineFailure, GenerationFailedError, InvalidGenerationRequest
+from workers.runtime.loader import LoadedModel, load_checkpoint
 from workers.runtime.types import DecodingControls, GenerationRequest, SamplingParams
 
 CONTEXT = 160
