@@ -58,6 +58,8 @@ def genq_run(name: str, lines: list[dict], workdir: Path) -> tuple[dict[str, dic
                                                                          "COLUMNS": "200"},
                           capture_output=True, text=True, check=True)
     wall = time.monotonic() - started
+    if not out.exists():
+        raise SystemExit(f"{name}: genq run wrote no output file\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
     ok = {x["custom_id"]: x for x in map(json.loads, out.read_text().splitlines())}
     errors_path = out.with_name(out.name.removesuffix(".output.jsonl") + ".errors.jsonl")
     errors = {x["custom_id"]: x for x in map(json.loads, errors_path.read_text().splitlines())} \
