@@ -89,6 +89,13 @@ class _FollowedText:
         return self.text
 
 
+def _only(logits: torch.Tensor, ids: torch.Tensor) -> None:
+    """Masks every entry of logits [V] but ids (their values kept)."""
+    mask = torch.full_like(logits, float("-inf"))
+    mask[ids.to(logits.device)] = 0.0
+    logits.add_(mask)
+
+
 class LogitBias:
     def __init__(self, bias: dict[int, float], vocab_size: int) -> None:
         ids = [i for i in bias if 0 <= i < vocab_size]
@@ -190,34 +197,30 @@ class RequiredTerms:
         for k in missing:
             allowed = self._spelling(text, k)
             if allowed:
-                mask = torch.full_like(logits, float("-inf"))
-                mask[torch.tensor(allowed, dtype=torch.int64, device=logits.device)] = 0.0
-                logits.add_(mask)
+                _only(logits, torch.tensor(allowed, dtype=torch.int64))
                 return
         after_word = bool(text) and not text[-1].isspace()
         after_space = not text or text[-1].isspace() or text[-1] in "(\"'“‘"
-        if self._due(raw, missing) and self._at_word_start(raw, logits):
+        words = len(_WORD.findall(text))
+        if self._due(raw, words, missing) and self._at_word_start(raw, logits):
             openers = self.after_word[missing[0]] if after_word else self.after_space[missing[0]]
             if len(openers):
-                mask = torch.full_like(logits, float("-inf"))
-                mask[openers.to(logits.device)] = 0.0
-                logits.add_(mask)
+                _only(logits, openers)
                 return
-        bias = self.BIAS + self.RAMP * len(_WORD.findall(text))
+        bias = self.BIAS + self.RAMP * words
         for k in missing:
             if after_word:
                 logits[self.after_word[k].to(logits.device)] += bias
             if after_space:
                 logits[self.after_space[k].to(logits.device)] += bias
 
-    def _due(self, raw: str, missing: list[int]) -> bool:
-        """Whether the limits leave room for little more than the missing terms."""
-        text = raw.strip()
-        words = sum(len(self.terms[k].split()) for k in missing)
-        chars = sum(len(self.terms[k]) + 1 for k in missing)
-        word_room = self.max_words is not None and \
-            len(_WORD.findall(text)) >= self.max_words - WordLimits.CLOSING - words
-        return word_room or (self.max_chars is not None and len(text) + chars >= self.max_chars - self._SPARE_CHARS)
+    def _due(self, raw: str, words: int, missing: list[int]) -> bool:
+        """Whether the limits leave room (text of `words` words) for little more than the missing terms."""
+        need_words = sum(len(self.terms[k].split()) for k in missing)
+        need_chars = sum(len(self.terms[k]) + 1 for k in missing)
+        word_room = self.max_words is not None and words >= self.max_words - WordLimits.CLOSING - need_words
+        return word_room or (self.max_chars is not None and
+                             len(raw.strip()) + need_chars >= self.max_chars - self._SPARE_CHARS)
 
     def _at_word_start(self, raw: str, logits: torch.Tensor) -> bool:
         """Whether the next token starts a word: the text ends with a space or punctuation, or the
