@@ -20,7 +20,9 @@ from genq.json_guard import MAX_JSON_DEPTH, has_control_character, json_problem
 from genq.settings import Settings
 from storage import Store
 from storage.keys import shard_key
+from workers.batches.image_contract import IMAGES_ENDPOINT, check_against_card, parse_image_body
 from workers.batches.request_contract import RequestError, parse_body
+from workers.registry import image_cards as registry_image_cards
 from workers.registry import list_models
 
 MAX_REPORTED_ERRORS = 20  # errors listed in error.errors.data; the first is the headline
@@ -82,16 +84,18 @@ class ValidatedInput:
 
 
 def validate_and_shard(*, store: Store, settings: Settings, input_key: str, endpoint: str,
-                       batch_id: str, context_lengths: dict[str, int] | None = None) -> ValidatedInput:
+                       batch_id: str, context_lengths: dict[str, int] | None = None,
+                       image_cards: dict[str, dict[str, Any] | None] | None = None) -> ValidatedInput:
     """Validates the file at input_key for endpoint and writes its shards; raises BatchInputInvalid first.
 
     context_lengths: the models lines may name (the tenant's, fine-tuned ones included) -> their context;
-    default: the deployment's base models."""
+    image_cards: which of them are image models -> their cards (registry.image_cards); default: the
+    deployment's base models."""
     with tempfile.TemporaryDirectory(prefix="genq-shards-") as spool, store.open_stream(input_key) as stream:
         writer = _ShardSpool(Path(spool), settings.shard_size)
         try:
             total = _validate_lines(stream, settings=settings, endpoint=endpoint, writer=writer,
-                                    context_lengths=context_lengths)
+                                    context_lengths=context_lengths, image_cards=image_cards)
             shards = writer.upload(store=store, batch_id=batch_id)
         finally:
             writer.close_all()
@@ -99,12 +103,16 @@ def validate_and_shard(*, store: Store, settings: Settings, input_key: str, endp
 
 
 def _validate_lines(stream: BinaryIO, *, settings: Settings, endpoint: str, writer: _ShardSpool,
-                    context_lengths: dict[str, int] | None = None) -> int:
+                    context_lengths: dict[str, int] | None = None,
+                    image_cards: dict[str, dict[str, Any] | None] | None = None) -> int:
     """Checks every line, spooling valid ones; returns the request count or raises BatchInputInvalid."""
     errors: list[LineError] = []
     seen_ids: set[str] = set()
     if context_lengths is None:  # read once, not per line
-        context_lengths = {spec.id: spec.context_length for spec in list_models(settings)}
+        bases = list_models(settings)
+        context_lengths = {spec.id: spec.context_length for spec in bases}
+        image_cards = registry_image_cards(bases)
+    models = _Models(context_lengths, image_cards or {})
     total = 0
     for number, raw in enumerate(iter(lambda: stream.readline(MAX_LINE_BYTES + 1), b""), start=1):
         if len(raw) > MAX_LINE_BYTES:  # one request this big is a mistake (a JSON array, a binary file)
@@ -119,7 +127,7 @@ def _validate_lines(stream: BinaryIO, *, settings: Settings, endpoint: str, writ
                                     f"{settings.max_batch_requests} requests, the most one batch may hold",
                                     None, number))
             break
-        checked = _check_line(raw, number, endpoint=endpoint, context_lengths=context_lengths, seen_ids=seen_ids)
+        checked = _check_line(raw, number, endpoint=endpoint, models=models, seen_ids=seen_ids)
         if isinstance(checked, LineError):
             errors.append(checked)
             if len(errors) >= MAX_REPORTED_ERRORS:
@@ -128,6 +136,7 @@ def _validate_lines(stream: BinaryIO, *, settings: Settings, endpoint: str, writ
             body = checked["body"]
             explicit = body.get("max_completion_tokens") or body.get("max_tokens")
             writer.add(number, checked, explicit or min(settings.default_max_tokens, context_lengths[body["model"]]))
+            # (an image model's context length is 0: its lines reserve no tokens)
     if not errors and total == 0:
         errors.append(LineError("empty_file", "The input file holds no requests", None, None))
     if errors:
@@ -135,7 +144,15 @@ def _validate_lines(stream: BinaryIO, *, settings: Settings, endpoint: str, writ
     return total
 
 
-def _check_line(raw: bytes, number: int, *, endpoint: str, context_lengths: dict[str, int],
+@dataclass(frozen=True)
+class _Models:
+    """The models a line may name: id -> context length (0 for image models), and the image ones' cards."""
+
+    context_lengths: dict[str, int]
+    image_cards: dict[str, dict[str, Any] | None]
+
+
+def _check_line(raw: bytes, number: int, *, endpoint: str, models: _Models,
                 seen_ids: set[str]) -> dict[str, Any] | LineError:
     """The parsed request, or the line's first error."""
 
@@ -177,32 +194,60 @@ def _check_line(raw: bytes, number: int, *, endpoint: str, context_lengths: dict
     body = request["body"]
     if not isinstance(body, dict):
         return fail("invalid_value", "body", "body must be a JSON object")
-    body_error = _check_body(body, endpoint=endpoint, context_lengths=context_lengths)
+    body_error = (_check_image_body(body, models) if endpoint == IMAGES_ENDPOINT
+                  else _check_body(body, endpoint=endpoint, models=models))
     if body_error is not None:
         code, param, what = body_error
         return fail(code, param, what)
     return request
 
 
-def _check_body(body: dict[str, Any], *, endpoint: str,
-                context_lengths: dict[str, int]) -> tuple[str, str, str] | None:
-    """(code, param, message) for the body's first problem, or None; context_lengths: model id -> tokens.
+def _body_error(error: RequestError) -> tuple[str, str, str]:
+    param = f"body.{error.param}" if error.param else "body"
+    return error.code or "invalid_value", param, error.message.replace(error.param or "", param, 1)
+
+
+def _check_body(body: dict[str, Any], *, endpoint: str, models: _Models) -> tuple[str, str, str] | None:
+    """(code, param, message) for the body's first problem, or None.
 
     The rules are the request contract's (the worker applies the same ones); the API adds what needs
-    the model registry: the model exists and max_tokens fits its context."""
+    the model registry: the model exists, is a language model, and max_tokens fits its context."""
     try:
         parsed = parse_body(endpoint, body)
     except RequestError as error:
-        param = f"body.{error.param}" if error.param else "body"
-        return error.code or "invalid_value", param, error.message.replace(error.param or "", param, 1)
-    context_length = context_lengths.get(parsed.model)
+        return _body_error(error)
+    context_length = models.context_lengths.get(parsed.model)
     if context_length is None:
         return ("model_not_found", "body.model",
                 f"model {parsed.model!r} does not exist (GET /v1/models lists them)")
+    if parsed.model in models.image_cards:
+        return ("unsupported_model", "body.model",
+                f"model {parsed.model!r} is an image model: send its lines to {IMAGES_ENDPOINT}, not {endpoint}")
     if parsed.max_tokens is not None and parsed.max_tokens > context_length:
         name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
         return ("invalid_value", f"body.{name}",
                 f"body.{name} must be at most the model's context length {context_length} (got {parsed.max_tokens})")
+    return None
+
+
+def _check_image_body(body: dict[str, Any], models: _Models) -> tuple[str, str, str] | None:
+    """(code, param, message) for an image line's first problem: the contract, then the model's card."""
+    try:
+        request = parse_image_body(body)
+        if request.model not in models.context_lengths:
+            return ("model_not_found", "body.model",
+                    f"model {request.model!r} does not exist (GET /v1/models lists them)")
+        if request.model not in models.image_cards:
+            return ("unsupported_model", "body.model", f"model {request.model!r} is a language model: send its "
+                    f"lines to /v1/chat/completions or /v1/completions, not {IMAGES_ENDPOINT}")
+        card = models.image_cards[request.model]
+        if card is None:
+            return ("model_not_found", "body.model",
+                    f"{request.model!r} is an architecture, not a trained model: train one on your images "
+                    f"(POST /v1/fine_tuning/jobs with model {request.model!r}) and name it (ft:{request.model}:...)")
+        check_against_card(request, card)
+    except RequestError as error:
+        return _body_error(error)
     return None
 
 

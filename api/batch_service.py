@@ -34,12 +34,14 @@ from db.files import create_file, file_storage_key, get_file, new_file_id
 from db.models import Batch, File, Shard
 from genq.settings import Settings
 from storage import Store
+from workers.batches.image_contract import IMAGES_ENDPOINT
 from workers.batches.request_contract import ENDPOINTS
 from workers.dispatch import queue_for_model
-from workers.registry import models_for_tenant
+from workers.registry import image_cards, models_for_tenant
 
 WINDOW_PATTERN = re.compile(r"^([1-9][0-9]{0,4})([hd])$")
 MAX_WINDOW_SECONDS = 365 * 86400
+BATCH_ENDPOINTS = (*ENDPOINTS, IMAGES_ENDPOINT)
 MAX_METADATA_PAIRS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512
 
 
@@ -95,8 +97,8 @@ def create_batch(*, session: Session, store: Store, settings: Settings, tenant_i
         existing = _replay(session=session, tenant_id=tenant_id, key=idempotency_key, fingerprint=fingerprint)
         if existing is not None:
             return existing, []
-    if endpoint not in ENDPOINTS:
-        raise InvalidRequest(f"endpoint {endpoint!r} is not supported; use one of {', '.join(ENDPOINTS)}",
+    if endpoint not in BATCH_ENDPOINTS:
+        raise InvalidRequest(f"endpoint {endpoint!r} is not supported; use one of {', '.join(BATCH_ENDPOINTS)}",
                              param="endpoint", code="invalid_value")
     window = completion_window or settings.completion_window_default
     window_seconds = completion_window_seconds(window)
@@ -111,7 +113,8 @@ def create_batch(*, session: Session, store: Store, settings: Settings, tenant_i
     models = {spec.id: spec for spec in models_for_tenant(session, tenant_id, settings)}
     plan = validate_and_shard(store=store, settings=settings, input_key=file.storage_key, endpoint=endpoint,
                               batch_id=batch_id,
-                              context_lengths={model_id: spec.context_length for model_id, spec in models.items()})
+                              context_lengths={model_id: spec.context_length for model_id, spec in models.items()},
+                              image_cards=image_cards(models.values()))
     # With an idempotency key, a concurrent twin may insert first: a savepoint lets us return its batch.
     guard = session.begin_nested() if idempotency_key else nullcontext()
     try:

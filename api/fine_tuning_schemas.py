@@ -29,15 +29,38 @@ class MethodDetail(BaseModel):
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
 
 
+class ImageHyperparameters(BaseModel):
+    """genq's image methods (gan, vae); the ranges and "auto" rules are workers/images/hyperparameters.py's."""
+
+    model_config = ConfigDict(extra="forbid")
+    n_epochs: Auto | int = Field("auto", ge=1, le=200)
+    batch_size: Auto | int = Field("auto", ge=1, le=1024)
+    learning_rate_multiplier: Auto | float = Field("auto", gt=0, le=100)
+    image_size: Auto | Literal[8, 16, 32, 64] = "auto"
+    latent_dim: Auto | int = Field("auto", ge=2, le=512)
+    beta: Auto | float = Field("auto", gt=0, le=100)  # VAE only: the KL term's weight
+
+
+class ImageMethodDetail(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    hyperparameters: ImageHyperparameters = Field(default_factory=ImageHyperparameters)
+
+
 class Method(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    type: Literal["supervised", "dpo"] = "supervised"
+    type: Literal["supervised", "dpo", "gan", "vae"] = "supervised"  # gan, vae: genq's image models
     supervised: MethodDetail | None = None
     dpo: MethodDetail | None = None
+    gan: ImageMethodDetail | None = None
+    vae: ImageMethodDetail | None = None
 
     def hyperparameters(self) -> Hyperparameters:
         detail = self.dpo if self.type == "dpo" else self.supervised
         return detail.hyperparameters if detail else Hyperparameters()
+
+    def image_hyperparameters(self) -> ImageHyperparameters:
+        detail = self.gan if self.type == "gan" else self.vae
+        return detail.hyperparameters if detail else ImageHyperparameters()
 
 
 class LoraSettings(BaseModel):

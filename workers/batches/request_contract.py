@@ -287,7 +287,7 @@ def parse_body(endpoint: str, body: Any, *, strict: bool = True) -> ParsedReques
     try:
         parsed = schema.model_validate(body)
     except ValidationError as exc:
-        raise _first_error(exc) from None
+        raise first_error(exc) from None
     explicit = parsed.max_completion_tokens if parsed.max_completion_tokens is not None else parsed.max_tokens
     params = SamplingParams(
         temperature=_or(parsed.temperature, 1.0),
@@ -327,7 +327,7 @@ def _param(loc: tuple[int | str, ...]) -> str:
     return out
 
 
-def _first_error(exc: ValidationError) -> RequestError:
+def first_error(exc: ValidationError) -> RequestError:
     error = exc.errors(include_url=False)[0]
     param = _param(error["loc"])
     kind = error["type"]

@@ -9,6 +9,7 @@ lost lease aborts them and stops all writes; other shards' requests run on. Resu
 are skipped, so a re-run resumes where the last attempt stopped. A request that cannot be served (bad
 body, too long, or one that crashes the model when run alone) fails alone with an error line; an
 engine failure (out of memory) or a database failure releases the shard for another attempt.
+Image shards (/v1/images/generations) run the same way with workers/images/batch.py drawing them.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
 
 from db.batches import batch_runs, batch_should_stop
 from db.leases import (
@@ -43,6 +45,7 @@ from workers.batches.chat import (
 )
 from workers.batches.choices import LineChoices
 from workers.batches.finalize import maybe_finalize
+from workers.batches.image_contract import IMAGES_ENDPOINT
 from workers.batches.request_contract import RequestError
 from workers.batches.shard_files import InputLine, read_shard_lines
 from workers.heartbeat import Heartbeat, while_storage_is_down
@@ -65,6 +68,7 @@ class _ShardJob:
     model: str
     queue: str
     input_key: str
+    tenant_id: str
     isolate: bool = False  # an earlier attempt's worker died: run requests one at a time, each named first
     suspect: str | None = None  # the request running alone when a worker last died
     pending: dict[str, InputLine] = field(default_factory=dict)  # custom_id -> line, not yet stored
@@ -88,7 +92,8 @@ class ShardTimeLimitExceeded(RuntimeError):
 class _ResultWriter:
     """Turns generation results into stored rows, fenced by the shard's attempt."""
 
-    def __init__(self, *, settings: Settings, job: _ShardJob, worker_id: str, lm: ServedModel, heartbeat: Heartbeat,
+    def __init__(self, *, settings: Settings, job: _ShardJob, worker_id: str, lm: ServedModel | None,
+                 heartbeat: Heartbeat,
                  on_progress: ProgressCallback | None) -> None:
         self.url = settings.resolved_database_url()
         self.job = job
@@ -98,16 +103,17 @@ class _ResultWriter:
         self.on_progress = on_progress
         self.written = 0
 
-    def store(self, rows: list[ResultRow]) -> None:
-        """Stores rows (those still pending) in one fenced transaction; a lost fence stops the shard."""
+    def store(self, rows: list[ResultRow], also: Callable[[Session], None] | None = None) -> None:
+        """Stores rows (those still pending) in one fenced transaction, with also(session)'s rows when
+        given (an image line's files); a lost fence stops the shard."""
         rows = [row for row in rows if row.custom_id in self.job.pending]
         if self.heartbeat.lease_lost.is_set() or not rows:
             return
         try:
-            stored = self._record(rows)
+            stored = self._record(rows, also)
         except OperationalError:  # a connection the database dropped (a restart): the pool is renewed, once more
             try:
-                stored = self._record(rows)
+                stored = self._record(rows, also)
             except Exception as exc:
                 raise ResultWriteError(f"could not store the results of {[r.custom_id for r in rows][:3]}...: "
                                        f"{exc}") from exc
@@ -123,10 +129,13 @@ class _ResultWriter:
             if self.on_progress:
                 self.on_progress(row.prompt_tokens, row.completion_tokens)
 
-    def _record(self, rows: list[ResultRow]) -> bool:
+    def _record(self, rows: list[ResultRow], also: Callable[[Session], None] | None) -> bool:
         with session_scope(self.url) as session:
-            return record_results(session=session, batch_id=self.job.batch_id, shard_id=self.job.shard_id,
-                                  attempt=self.job.attempt, worker_id=self.worker_id, results=rows)
+            stored = record_results(session=session, batch_id=self.job.batch_id, shard_id=self.job.shard_id,
+                                    attempt=self.job.attempt, worker_id=self.worker_id, results=rows)
+            if stored and also is not None:
+                also(session)
+            return stored
 
     def line_row(self, line: LineChoices) -> ResultRow | None:
         """The row of a finished line (its error line if it failed); None if not ours."""
@@ -157,7 +166,7 @@ def _load_job(settings: Settings, shard_id: int, worker_id: str) -> tuple[_Shard
                               job_runs=batch_runs())
         row = session.execute(
             select(Shard.job_id, Shard.model, Shard.queue, Shard.input_key, Shard.deaths, Shard.suspect,
-                   Batch.endpoint)
+                   Batch.endpoint, Batch.tenant_id)
             .join(Batch, Batch.id == Shard.job_id).where(Shard.id == shard_id)
         ).first()
     if row is None:
@@ -165,7 +174,8 @@ def _load_job(settings: Settings, shard_id: int, worker_id: str) -> tuple[_Shard
     if attempt is None:
         return None, row.job_id
     return _ShardJob(shard_id=shard_id, attempt=attempt, batch_id=row.job_id, endpoint=row.endpoint,
-                     model=row.model, queue=row.queue, input_key=row.input_key, isolate=row.deaths > 0,
+                     model=row.model, queue=row.queue, input_key=row.input_key, tenant_id=row.tenant_id,
+                     isolate=row.deaths > 0,
                      suspect=row.suspect), row.job_id
 
 
@@ -228,6 +238,36 @@ def _generate(*, settings: Settings, job: _ShardJob, worker_id: str, model_loade
     outcome.skipped = len(lines) - len(job.pending)
     if not job.pending:
         return
+    if job.endpoint == IMAGES_ENDPOINT:
+        _draw_images(settings=settings, job=job, worker_id=worker_id, heartbeat=heartbeat, on_progress=on_progress,
+                     outcome=outcome)
+    else:
+        _generate_text(settings=settings, job=job, worker_id=worker_id, model_loader=model_loader,
+                       heartbeat=heartbeat, on_progress=on_progress, outcome=outcome)
+    if job.pending and heartbeat.timed_out.is_set() and not heartbeat.lease_lost.is_set():
+        raise ShardTimeLimitExceeded(f"shard {job.shard_id} ran past its time limit of "
+                                     f"{settings.shard_time_limit_seconds:g} s with {len(job.pending)} requests left")
+    if job.pending and heartbeat.stop_requested.is_set():
+        outcome.status = ShardRun.CANCELLED
+    elif job.pending and not heartbeat.lease_lost.is_set():
+        # The runtime returned without a result for some requests: let another attempt finish them.
+        raise RuntimeError(f"{len(job.pending)} requests of shard {job.shard_id} produced no result")
+
+
+def _draw_images(*, settings: Settings, job: _ShardJob, worker_id: str, heartbeat: Heartbeat,
+                 on_progress: ProgressCallback | None, outcome: ShardOutcome) -> None:
+    from workers.images.batch import draw_lines  # torch and the image models: only for an image shard
+
+    writer = _ResultWriter(settings=settings, job=job, worker_id=worker_id, lm=None, heartbeat=heartbeat,
+                           on_progress=on_progress)
+    draw_lines(settings=settings, batch_id=job.batch_id, tenant_id=job.tenant_id, model_id=job.model,
+               items=list(job.pending.values()), store_rows=writer.store, failure_row=writer.failure_row,
+               heartbeat=heartbeat)
+    outcome.written = writer.written
+
+
+def _generate_text(*, settings: Settings, job: _ShardJob, worker_id: str, model_loader: ModelLoader,
+                   heartbeat: Heartbeat, on_progress: ProgressCallback | None, outcome: ShardOutcome) -> None:
     lm = model_loader(job.model)
     writer = _ResultWriter(settings=settings, job=job, worker_id=worker_id, lm=lm, heartbeat=heartbeat,
                            on_progress=on_progress)
@@ -249,14 +289,6 @@ def _generate(*, settings: Settings, job: _ShardJob, worker_id: str, model_loade
     else:
         _run_lines(lm, lines, writer, heartbeat)
     outcome.written = writer.written
-    if job.pending and heartbeat.timed_out.is_set() and not heartbeat.lease_lost.is_set():
-        raise ShardTimeLimitExceeded(f"shard {job.shard_id} ran past its time limit of "
-                                     f"{settings.shard_time_limit_seconds:g} s with {len(job.pending)} requests left")
-    if job.pending and heartbeat.stop_requested.is_set():
-        outcome.status = ShardRun.CANCELLED
-    elif job.pending and not heartbeat.lease_lost.is_set():
-        # The runtime returned without a result for some requests: let another attempt finish them.
-        raise RuntimeError(f"{len(job.pending)} requests of shard {job.shard_id} produced no result")
 
 
 def _quarantined(job: _ShardJob) -> RequestError:

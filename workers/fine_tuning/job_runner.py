@@ -7,6 +7,8 @@ later attempt (another worker, after this one died) prepares the same data from 
 seed and continues from that state, with the same data order and optimizer moments. Cancel is seen by
 the heartbeat and stops training before its next step. Epoch ends write a checkpoint (the last 3
 kept), each servable as a model; the end writes the final adapter, the metrics CSV and the model row.
+Image models (method type "gan" or "vae") train in workers/images/job.py on the same claim, lease,
+heartbeat and release, with an epoch as their step.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ from workers.fine_tuning.lora import LoraConfig, adapter_files
 from workers.fine_tuning.prepare import PreparedData, prepare
 from workers.fine_tuning.trainer import SegmentResult, Trainer, TrainerConfig
 from workers.heartbeat import Heartbeat, while_storage_is_down
-from workers.registry import ModelSpec, get_model
+from workers.registry import IMAGE_ARCHITECTURES, ModelSpec, get_model
 from workers.runtime.loader import read_checkpoint, resolve_device, resolve_source
 from workers.runtime.model import Transformer, build_model
 from workers.runtime.weights import fuse_projections
@@ -72,7 +74,7 @@ class Cancelled(RuntimeError):
 
 
 @dataclass
-class _Job:
+class FineTuneJob:
     shard_id: int
     attempt: int
     queue: str
@@ -89,6 +91,7 @@ class _Job:
 
     @property
     def kind(self) -> Method:
+        """A language model's method (supervised, dpo); image jobs have "gan" or "vae" in method["type"]."""
         return Method(self.method["type"])
 
     @property
@@ -129,7 +132,7 @@ def run_fine_tune_shard(*, settings: Settings, shard_id: int, worker_id: str) ->
     return ShardOutcome(shard_id=shard_id, status=ShardRun.DONE, attempt=job.attempt, written=steps)
 
 
-def _claim(settings: Settings, shard_id: int, worker_id: str) -> _Job | None:
+def _claim(settings: Settings, shard_id: int, worker_id: str) -> FineTuneJob | None:
     with session_scope(settings.resolved_database_url()) as session:
         attempt = claim_shard(session=session, shard_id=shard_id, worker_id=worker_id,
                               lease_seconds=settings.lease_seconds, max_attempts=settings.max_attempts,
@@ -150,13 +153,13 @@ def _claim(settings: Settings, shard_id: int, worker_id: str) -> _Job | None:
                  message="The training or validation file was deleted before training started")
             finish_shard(session=session, shard_id=shard_id, attempt=attempt, status=ShardStatus.FAILED)
             return None
-        return _Job(shard_id=shard_id, attempt=attempt, queue=queue, id=ft.id, tenant_id=ft.tenant_id,
+        return FineTuneJob(shard_id=shard_id, attempt=attempt, queue=queue, id=ft.id, tenant_id=ft.tenant_id,
                     tenant_name=tenant_name, model=ft.model, training_key=keys[ft.training_file],
                     validation_key=keys.get(ft.validation_file) if ft.validation_file else None, method=ft.method,
                     suffix=ft.suffix, seed=ft.seed, resume_key=ft.resume_key)
 
 
-def _release(settings: Settings, job: _Job, error: str) -> ShardOutcome:
+def _release(settings: Settings, job: FineTuneJob, error: str) -> ShardOutcome:
     with session_scope(settings.resolved_database_url()) as session:
         status = release_shard(session=session, shard_id=job.shard_id, attempt=job.attempt, error=error,
                                max_attempts=settings.max_attempts)
@@ -190,8 +193,17 @@ def lora_config(method: dict[str, Any]) -> LoraConfig:
                       target_modules=tuple(lora.get("target_modules", LoraConfig().target_modules)))
 
 
-def _run(settings: Settings, job: _Job, heartbeat: Heartbeat) -> int:
-    """Prepares, trains segment by segment and publishes; returns the steps this attempt trained."""
+def _run(settings: Settings, job: FineTuneJob, heartbeat: Heartbeat) -> int:
+    """Prepares, trains and publishes with the job's kind of model; returns the steps this attempt trained."""
+    if job.method["type"] in IMAGE_ARCHITECTURES:
+        from workers.images.job import run_image_training
+
+        return run_image_training(settings, job, heartbeat)
+    return _run_language_model(settings, job, heartbeat)
+
+
+def _run_language_model(settings: Settings, job: FineTuneJob, heartbeat: Heartbeat) -> int:
+    """Prepares, trains segment by segment and publishes a LoRA adapter; returns the steps trained."""
     url = settings.resolved_database_url()
     store = store_from_settings(settings)
     first = job.resume_key is None
@@ -237,7 +249,7 @@ def _run(settings: Settings, job: _Job, heartbeat: Heartbeat) -> int:
     while True:
         began, step_before = time.monotonic(), trainer.step
         result = trainer.run_segment(max_seconds=settings.fine_tune_segment_seconds, should_stop=heartbeat.should_stop)
-        _stop_if_told(heartbeat)
+        stop_if_told(heartbeat)
         _save_segment(settings, store, job, trainer, result, patient, seconds=time.monotonic() - began,
                       steps=result.step - step_before)
         if result.finished:
@@ -246,7 +258,7 @@ def _run(settings: Settings, job: _Job, heartbeat: Heartbeat) -> int:
     return trainer.step - started_at
 
 
-def _stop_if_told(heartbeat: Heartbeat) -> None:
+def stop_if_told(heartbeat: Heartbeat) -> None:
     if heartbeat.lease_lost.is_set():
         raise LeaseLost
     if heartbeat.stop_requested.is_set():
@@ -272,7 +284,7 @@ def _metrics_message(m: dict[str, Any]) -> str:
     return f"Step {m['step']}/{m['total_steps']}: " + ", ".join(parts)
 
 
-def _save_segment(settings: Settings, store: Store, job: _Job, trainer: Trainer, result: SegmentResult,
+def _save_segment(settings: Settings, store: Store, job: FineTuneJob, trainer: Trainer, result: SegmentResult,
                   patient: Patient, *, seconds: float, steps: int) -> None:
     """Metrics events, the resumable state (fenced), and the epoch's checkpoint when one ended."""
     url = settings.resolved_database_url()
@@ -301,7 +313,7 @@ def _put_adapter(store: Store, prefix: str, trainer: Trainer, base: str, patient
         patient(lambda name=name, data=data: store.put_bytes(f"{prefix}{name}", data))
 
 
-def _checkpoint(settings: Settings, store: Store, job: _Job, trainer: Trainer, result: SegmentResult,
+def _checkpoint(settings: Settings, store: Store, job: FineTuneJob, trainer: Trainer, result: SegmentResult,
                 patient: Patient) -> None:
     prefix = adapter_prefix(job.id, trainer.step)
     _put_adapter(store, prefix, trainer, job.model, patient)
@@ -315,7 +327,12 @@ def _checkpoint(settings: Settings, store: Store, job: _Job, trainer: Trainer, r
         add_event(session=session, job_id=job.id, message=f"Checkpoint created at step {trainer.step} "
                                                            f"(epoch {result.epoch_completed})")
         pruned = prune_checkpoints(session=session, job_id=job.id, keep=KEPT_CHECKPOINTS)
-    for old in pruned:
+    delete_pruned(store, pruned)
+
+
+def delete_pruned(store: Store, prefixes: list[str]) -> None:
+    """Removes the files of pruned checkpoints (their rows are gone already)."""
+    for old in prefixes:
         for key in list(store.list_keys(old)):
             with suppress(Exception):
                 store.delete(key)
@@ -334,27 +351,39 @@ def results_csv(metrics: list[dict[str, Any]]) -> bytes:
     return out.getvalue().encode()
 
 
-def _publish(settings: Settings, store: Store, job: _Job, trainer: Trainer, patient: Patient) -> None:
+def _publish(settings: Settings, store: Store, job: FineTuneJob, trainer: Trainer, patient: Patient) -> None:
     """The final adapter, the metrics CSV (a fine-tune-results file), the model row, succeeded."""
     prefix = adapter_prefix(job.id)
     _put_adapter(store, prefix, trainer, job.model, patient)
-    url = settings.resolved_database_url()
-    with session_scope(url) as session:
-        metrics = [e.data for e in session.scalars(select(FineTuningEvent).where(
-            FineTuningEvent.job_id == job.id, FineTuningEvent.type == "metrics").order_by(FineTuningEvent.id))]
+    publish(settings, store, job, patient, model_prefix=prefix, results=results_csv(metrics_events(settings, job.id)),
+            results_name="step_metrics.csv", trained_tokens=trainer.trained_tokens,
+            model_metrics={"trained_tokens": trainer.trained_tokens, "steps": trainer.step})
+
+
+def metrics_events(settings: Settings, job_id: str) -> list[dict[str, Any]]:
+    """The data of the job's metrics events, oldest first."""
+    with session_scope(settings.resolved_database_url()) as session:
+        events = session.scalars(select(FineTuningEvent).where(
+            FineTuningEvent.job_id == job_id, FineTuningEvent.type == "metrics").order_by(FineTuningEvent.id))
+        return [e.data for e in events if e.data]
+
+
+def publish(settings: Settings, store: Store, job: FineTuneJob, patient: Patient, *, model_prefix: str,
+            results: bytes, results_name: str, trained_tokens: int, model_metrics: dict[str, Any],
+            image_spec: dict[str, Any] | None = None) -> None:
+    """The model's files are under model_prefix: store the results file, then in one fenced transaction
+    the job succeeded, its model row, the shard done, the last event."""
     file_id = new_file_id()
-    content = results_csv([m for m in metrics if m])
-    patient(lambda: store.put_bytes(file_storage_key(file_id), content))
-    with session_scope(url) as session:
-        create_file(session=session, tenant_id=job.tenant_id, file_id=file_id, filename="step_metrics.csv",
-                    purpose=FINE_TUNE_RESULTS_PURPOSE, size=len(content))
+    patient(lambda: store.put_bytes(file_storage_key(file_id), results))
+    with session_scope(settings.resolved_database_url()) as session:
+        create_file(session=session, tenant_id=job.tenant_id, file_id=file_id, filename=results_name,
+                    purpose=FINE_TUNE_RESULTS_PURPOSE, size=len(results))
         if not succeed(session=session, shard_id=job.shard_id, attempt=job.attempt, job_id=job.id,
-                       fine_tuned_model=job.model_name, trained_tokens=trainer.trained_tokens,
-                       result_files=[file_id]):
+                       fine_tuned_model=job.model_name, trained_tokens=trained_tokens, result_files=[file_id]):
             session.rollback()
             raise LeaseLost if status_of(session=session, job_id=job.id) in ACTIVE_STATUSES else Cancelled
         add_model(session=session, model_id=job.model_name, tenant_id=job.tenant_id, job_id=job.id,
-                  base_model=job.model, adapter_key=prefix, checkpoint_step=None,
-                  metrics={"trained_tokens": trainer.trained_tokens, "steps": trainer.step})
+                  base_model=job.model, adapter_key=model_prefix, checkpoint_step=None, metrics=model_metrics,
+                  image_spec=image_spec)
         finish_shard(session=session, shard_id=job.shard_id, attempt=job.attempt, status=ShardStatus.DONE)
         add_event(session=session, job_id=job.id, message=f"The job has successfully completed: {job.model_name}")

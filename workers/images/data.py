@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from workers.images.hyperparameters import auto_image_size
+
 MAX_MEMBERS = 100_000  # files in one archive
 MAX_MEMBER_BYTES = 64 * 2**20  # declared uncompressed size of one member
 MAX_TOTAL_BYTES = 2 * 2**30  # declared uncompressed size of the whole archive
@@ -106,7 +108,7 @@ def read_npz(source: bytes | str | Path, image_size: int) -> ImageDataset:
     return _finish(resized, labels, class_names, member_names=[f"images.npy[{i}]" for i in range(n)])
 
 
-def read_zip(path: str | Path, image_size: int) -> ImageDataset:
+def read_zip(path: str | Path | io.BytesIO, image_size: int) -> ImageDataset:
     """Read a zip of PNG/JPEG files (one folder per class, or all at the top level) into an `ImageDataset`."""
     with zipfile.ZipFile(path) as archive:
         infos = [i for i in archive.infolist() if not i.is_dir() and not _skipped(i.filename)]
@@ -137,6 +139,50 @@ def read_zip(path: str | Path, image_size: int) -> ImageDataset:
     class_names = sorted(set(classes))
     labels = np.array([class_names.index(c) for c in classes], dtype=np.int64)
     return _finish(images, labels, class_names, member_names=names)
+
+
+def read_dataset(data: bytes, image_size: int | None) -> tuple[ImageDataset, int | None]:
+    """An uploaded dataset (an .npz, or a zip of pictures) at image_size (None: choose it); returns the
+    dataset and the shorter side of its images when the file says it cheaply (an .npz), else None."""
+    if not zipfile.is_zipfile(io.BytesIO(data)):
+        raise ImageDataError("the file is neither a zip of PNG/JPEG images nor an .npz")
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        members = [i.filename for i in archive.infolist() if not i.is_dir() and not _skipped(i.filename)]
+    if members and all(name.endswith(".npy") for name in members):
+        side = _npz_side(data)
+        return read_npz(data, image_size or auto_image_size(side)), side
+    return read_zip(io.BytesIO(data), image_size or auto_image_size(None)), None
+
+
+def _npz_side(data: bytes) -> int:
+    """The shorter side of an .npz's images, from the `images` member's header (nothing else decoded)."""
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        _check_members(archive.infolist())
+        if "images.npy" not in archive.namelist():
+            raise ImageDataError("images.npy: the .npz has no `images` array")
+        with archive.open("images.npy") as member:
+            try:
+                version = np.lib.format.read_magic(member)
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                shape, _, _ = read_header(member)
+            except ValueError as error:
+                raise ImageDataError(f"images.npy: not a NumPy array: {error}") from error
+    if len(shape) not in (3, 4) or min(shape[1:3]) < 1:
+        raise ImageDataError(f"images.npy: expected [N, H, W] or [N, H, W, C], got shape {tuple(shape)}")
+    return int(min(shape[1:3]))
+
+
+def decode_image(data: bytes, image_size: int, channels: int, name: str = "image") -> torch.Tensor:
+    """One uploaded PNG/JPEG as float32 [1, channels, S, S] in [-1, 1], resized and centre-cropped as
+    training images are; ImageDataError (naming `name`) for anything unreadable or too large."""
+    image = _open_header(name, data)
+    try:
+        array = _pil_resize_crop(image.convert("RGB" if channels == 3 else "L"), image_size)
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        raise ImageDataError(f"{name}: cannot decode the image: {error}") from error
+    array = np.array(array if array.ndim == 3 else array[:, :, None])  # [S, S, C], writable
+    return torch.from_numpy(array).permute(2, 0, 1)[None].float() / 127.5 - 1.0
 
 
 def split(dataset: ImageDataset, valid_fraction: float, seed: int) -> tuple[ImageDataset, ImageDataset]:

@@ -1,7 +1,10 @@
-"""Epoch loops for the image models: `train_vae` and `train_gan`, seeded, Adam, per-epoch metrics.
+"""Epoch loops for the image models: `VaeTrainer` and `GanTrainer` (seeded, Adam, per-epoch metrics,
+resumable at epoch ends), and `train_vae` / `train_gan` that run one to the end.
 
 Data order and every noise draw come from torch.Generators seeded from `config.seed`; parameters are
 initialised under a forked global RNG seeded the same way, so a run is reproducible on one device.
+`state_bytes()` after an epoch holds weights, optimizer moments and both generators' states, so a run
+stopped there and resumed with `load_state_bytes` continues with the same batches and noise.
 VAE: loss per image = recon + beta_e * kl, beta_e = beta * min(1, (e + 1) / warmup_epochs) at epoch e
 (0-based; no warm-up when warmup_epochs == 0). Its metrics, on the validation split after each epoch:
     valid_recon_mse  mean squared error per pixel of reconstruct(x) (posterior mean), in [-1, 1] units
@@ -14,8 +17,10 @@ real (D > 0) and fake (D < 0) batches; d_acc_valid_real on the validation images
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -92,41 +97,105 @@ def _build(config: TrainConfig, make: Callable[[], torch.nn.Module]) -> torch.nn
         return make().to(config.device)
 
 
-def train_vae(
-    train: ImageDataset, valid: ImageDataset, config: TrainConfig, on_epoch: EpochCallback | None = None
-) -> VaeRun:
-    """Train a (class-conditional when train has labels) VAE; history holds each epoch's validation metrics."""
-    _check(train, config)
-    device = torch.device(config.device)
-    model = _build(
-        config,
-        lambda: ConditionalVae(
-            config.image_size, train.channels, config.latent_dim, train.num_classes, config.base_channels, config.sigma
-        ),
-    )
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, betas=config.adam_betas or (0.9, 0.999))
-    order = torch.Generator().manual_seed(config.seed)
-    noise = torch.Generator(device=device).manual_seed(config.seed + 1)
-    pca_mse = PcaBaseline(train.images, config.latent_dim).reconstruction_error(valid.images)
-    run = VaeRun(model)
-    for epoch in range(config.n_epochs):
-        beta = config.beta * (min(1.0, (epoch + 1) / config.warmup_epochs) if config.warmup_epochs else 1.0)
-        model.train()
+class Stopped(RuntimeError):
+    """should_stop() said so in the middle of an epoch: the trainer's state is that epoch's partial one."""
+
+
+StopCheck = Callable[[], bool]
+
+
+class _EpochTrainer:
+    """What both trainers share: seeded generators, the epoch counter, history, state round-trips."""
+
+    architecture = ""
+
+    def __init__(self, train: ImageDataset, valid: ImageDataset, config: TrainConfig) -> None:
+        _check(train, config)
+        self.train, self.valid, self.config = train, valid, config
+        self.device = torch.device(config.device)
+        self.order = torch.Generator().manual_seed(config.seed)
+        self.noise = torch.Generator(device=self.device).manual_seed(config.seed + 1)
+        self.epoch = 0  # epochs completed
+        self.history: list[dict[str, float]] = []
+
+    @property
+    def finished(self) -> bool:
+        return self.epoch >= self.config.n_epochs
+
+    @property
+    def sampler(self) -> torch.nn.Module:
+        """The network images are drawn from (the VAE, the GAN's EMA generator)."""
+        raise NotImplementedError
+
+    def grid_png(self) -> bytes:
+        """Samples from a fixed seed, one row per class: the epoch's picture of progress."""
+        return sample_grid_png(self.sampler, GRID_COLUMNS, self.config.seed, self.device)
+
+    def _modules(self) -> dict[str, Any]:
+        raise NotImplementedError  # name -> object with state_dict / load_state_dict
+
+    def state_bytes(self) -> bytes:
+        state = {name: m.state_dict() for name, m in self._modules().items()}
+        state |= {"epoch": self.epoch, "history": self.history, "order": self.order.get_state(),
+                  "noise": self.noise.get_state()}
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        return buffer.getvalue()
+
+    def load_state_bytes(self, data: bytes) -> None:
+        state = torch.load(io.BytesIO(data), map_location=self.device, weights_only=True)
+        for name, module in self._modules().items():
+            module.load_state_dict(state[name])
+        self.epoch, self.history = int(state["epoch"]), list(state["history"])
+        self.order.set_state(state["order"].cpu())
+        self.noise.set_state(state["noise"].cpu() if self.device.type == "cpu" else state["noise"])
+
+    def run_epoch(self, should_stop: StopCheck | None = None) -> dict[str, float]:
+        """Trains one epoch and returns its metrics (also appended to history); Stopped if told to stop."""
+        metrics = {"epoch": float(self.epoch)} | self._epoch(should_stop or (lambda: False))
+        self.history.append(metrics)
+        self.epoch += 1
+        return metrics
+
+    def _epoch(self, should_stop: StopCheck) -> dict[str, float]:
+        raise NotImplementedError
+
+
+class VaeTrainer(_EpochTrainer):
+    architecture = "vae"
+
+    def __init__(self, train: ImageDataset, valid: ImageDataset, config: TrainConfig) -> None:
+        super().__init__(train, valid, config)
+        self.model = _build(config, lambda: ConditionalVae(config.image_size, train.channels, config.latent_dim,
+                                                           train.num_classes, config.base_channels, config.sigma))
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.learning_rate,
+                                          betas=config.adam_betas or (0.9, 0.999))
+        self.pca_mse = PcaBaseline(train.images, config.latent_dim).reconstruction_error(valid.images)
+
+    @property
+    def sampler(self) -> torch.nn.Module:
+        return self.model
+
+    def _modules(self) -> dict[str, Any]:
+        return {"model": self.model, "optimizer": self.optimizer}
+
+    def _epoch(self, should_stop: StopCheck) -> dict[str, float]:
+        config, train = self.config, self.train
+        beta = config.beta * (min(1.0, (self.epoch + 1) / config.warmup_epochs) if config.warmup_epochs else 1.0)
+        self.model.train()
         total, seen = 0.0, 0
-        for index in _batches(len(train), config.batch_size, order):
-            x, y = train.images[index].to(device), _labels(train, index, device)
-            recon, kl = model.elbo_terms(x, y, generator=noise)
+        for index in _batches(len(train), config.batch_size, self.order):
+            if should_stop():
+                raise Stopped
+            x, y = train.images[index].to(self.device), _labels(train, index, self.device)
+            recon, kl = self.model.elbo_terms(x, y, generator=self.noise)
             loss = (recon + beta * kl).mean()
-            optimizer.zero_grad(set_to_none=True)
+            self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
+            self.optimizer.step()
             total, seen = total + loss.item() * len(index), seen + len(index)
-        metrics = {"epoch": float(epoch), "beta": beta, "train_loss": total / seen, "pca_recon_mse": pca_mse}
-        metrics.update(evaluate_vae(model, valid, seed=config.seed + 2, device=device))
-        run.history.append(metrics)
-        if on_epoch is not None:
-            on_epoch(epoch, metrics, sample_grid_png(model, GRID_COLUMNS, config.seed, device))
-    return run
+        metrics = {"beta": beta, "train_loss": total / seen, "pca_recon_mse": self.pca_mse}
+        return metrics | evaluate_vae(self.model, self.valid, seed=config.seed + 2, device=self.device)
 
 
 @torch.no_grad()
@@ -140,56 +209,103 @@ def evaluate_vae(model: ConditionalVae, dataset: ImageDataset, seed: int, device
     return {"valid_recon_mse": mse, "valid_kl": float(kl.mean()), "valid_elbo": float(-(recon + kl).mean())}
 
 
-def train_gan(
-    train: ImageDataset, valid: ImageDataset, config: TrainConfig, on_epoch: EpochCallback | None = None
-) -> GanRun:
-    """Train a (class-conditional when train has labels) DCGAN with hinge loss and a generator EMA."""
-    _check(train, config)
-    device = torch.device(config.device)
-    args = (config.image_size, train.channels)
-    generator = _build(config, lambda: Generator(*args, config.latent_dim, train.num_classes, config.base_channels))
-    discriminator = _build(config, lambda: Discriminator(*args, train.num_classes, config.base_channels))
-    betas = config.adam_betas or (0.0, 0.9)
-    g_opt = torch.optim.Adam(generator.parameters(), lr=config.learning_rate, betas=betas)
-    d_opt = torch.optim.Adam(discriminator.parameters(), lr=config.d_learning_rate or config.learning_rate, betas=betas)
-    ema = EmaGenerator(generator, config.ema_decay)
-    order = torch.Generator().manual_seed(config.seed)
-    noise = torch.Generator(device=device).manual_seed(config.seed + 1)
-    all_labels = _labels(train, None, device)
-    run = GanRun(generator, ema.model, discriminator)
-    for epoch in range(config.n_epochs):
+class GanTrainer(_EpochTrainer):
+    architecture = "gan"
+
+    def __init__(self, train: ImageDataset, valid: ImageDataset, config: TrainConfig) -> None:
+        super().__init__(train, valid, config)
+        args = (config.image_size, train.channels)
+        self.generator = _build(config, lambda: Generator(*args, config.latent_dim, train.num_classes,
+                                                          config.base_channels))
+        self.discriminator = _build(config, lambda: Discriminator(*args, train.num_classes, config.base_channels))
+        betas = config.adam_betas or (0.0, 0.9)
+        self.g_opt = torch.optim.Adam(self.generator.parameters(), lr=config.learning_rate, betas=betas)
+        self.d_opt = torch.optim.Adam(self.discriminator.parameters(), lr=config.d_learning_rate or
+                                      config.learning_rate, betas=betas)
+        self.ema = EmaGenerator(self.generator, config.ema_decay)
+        self.all_labels = _labels(train, None, self.device)
+
+    @property
+    def sampler(self) -> torch.nn.Module:
+        return self.ema.model
+
+    def _modules(self) -> dict[str, Any]:
+        return {"generator": self.generator, "discriminator": self.discriminator, "ema": self.ema.model,
+                "g_opt": self.g_opt, "d_opt": self.d_opt, "ema_steps": _Counter(self.ema)}
+
+    def _epoch(self, should_stop: StopCheck) -> dict[str, float]:
+        config, train, device = self.config, self.train, self.device
+        generator, discriminator = self.generator, self.discriminator
         generator.train()
         discriminator.train()
         sums = {"d_loss": 0.0, "g_loss": 0.0, "d_acc_real": 0.0, "d_acc_fake": 0.0}
         steps = 0
-        for index in _batches(len(train), config.batch_size, order):
+        for index in _batches(len(train), config.batch_size, self.order):
+            if should_stop():
+                raise Stopped
             x, y = train.images[index].to(device), _labels(train, index, device)
-            z = torch.randn(len(index), config.latent_dim, generator=noise, device=device)
+            z = torch.randn(len(index), config.latent_dim, generator=self.noise, device=device)
             fake = generator(z, y)
             real_logits, fake_logits = discriminator(x, y), discriminator(fake.detach(), y)
             d_loss = discriminator_hinge_loss(real_logits, fake_logits)
-            d_opt.zero_grad(set_to_none=True)
+            self.d_opt.zero_grad(set_to_none=True)
             d_loss.backward()
-            d_opt.step()
+            self.d_opt.step()
 
             g_loss = generator_hinge_loss(discriminator(fake, y))
-            g_opt.zero_grad(set_to_none=True)
+            self.g_opt.zero_grad(set_to_none=True)
             g_loss.backward()
-            g_opt.step()
-            ema.update(generator)
+            self.g_opt.step()
+            self.ema.update(generator)
 
             sums["d_loss"] += d_loss.item()
             sums["g_loss"] += g_loss.item()
             sums["d_acc_real"] += float((real_logits > 0).float().mean())
             sums["d_acc_fake"] += float((fake_logits < 0).float().mean())
             steps += 1
-        metrics = {"epoch": float(epoch), **{k: v / steps for k, v in sums.items()}}
-        refresh_batchnorm_stats(ema.model, all_labels, n_batches=8, batch_size=config.batch_size, noise=noise)
+        metrics = {k: v / steps for k, v in sums.items()}
+        refresh_batchnorm_stats(self.ema.model, self.all_labels, n_batches=8, batch_size=config.batch_size,
+                                noise=self.noise)
         with torch.no_grad():
             discriminator.eval()
-            valid_logits = discriminator(valid.images.to(device), _labels(valid, None, device))
+            valid_logits = discriminator(self.valid.images.to(device), _labels(self.valid, None, device))
             metrics["d_acc_valid_real"] = float((valid_logits > 0).float().mean())
-        run.history.append(metrics)
+        return metrics
+
+
+class _Counter:
+    """The EMA's step count as a state_dict-able object (its ramp depends on it)."""
+
+    def __init__(self, ema: EmaGenerator) -> None:
+        self.ema = ema
+
+    def state_dict(self) -> dict[str, int]:
+        return {"steps": self.ema.steps}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.ema.steps = int(state["steps"])
+
+
+def _run(trainer: _EpochTrainer, on_epoch: EpochCallback | None) -> None:
+    while not trainer.finished:
+        metrics = trainer.run_epoch()
         if on_epoch is not None:
-            on_epoch(epoch, metrics, sample_grid_png(ema.model, GRID_COLUMNS, config.seed, device))
-    return run
+            on_epoch(trainer.epoch - 1, metrics, trainer.grid_png())
+
+
+def train_vae(
+    train: ImageDataset, valid: ImageDataset, config: TrainConfig, on_epoch: EpochCallback | None = None
+) -> VaeRun:
+    """Train a (class-conditional when train has labels) VAE; history holds each epoch's validation metrics."""
+    trainer = VaeTrainer(train, valid, config)
+    _run(trainer, on_epoch)
+    return VaeRun(trainer.model, trainer.history)
+
+
+def train_gan(
+    train: ImageDataset, valid: ImageDataset, config: TrainConfig, on_epoch: EpochCallback | None = None
+) -> GanRun:
+    """Train a (class-conditional when train has labels) DCGAN with hinge loss and a generator EMA."""
+    trainer = GanTrainer(train, valid, config)
+    _run(trainer, on_epoch)
+    return GanRun(trainer.generator, trainer.ema.model, trainer.discriminator, trainer.history)

@@ -78,6 +78,15 @@ class ConditionalVae(nn.Module):
         h = self.from_latent(self._condition(z, y)).view(-1, self._top_width, 4, 4)
         return self.decoder(h)
 
+    def decode_between(self, z: torch.Tensor, a: int, b: int, t: torch.Tensor) -> torch.Tensor:
+        """x_hat [T, C, S, S] for one z [1, latent_dim] under the class embedding (1 - t) e_a + t e_b, t [T]."""
+        if self.embed is None:
+            raise ValueError("interpolating between classes needs a class-conditional VAE")
+        ends = self.embed(torch.tensor([a, b], device=z.device))
+        mixed = torch.lerp(ends[0], ends[1], t[:, None])  # [T, embed_dim]
+        h = self.from_latent(torch.cat([z.expand(len(t), -1), mixed], dim=1)).view(-1, self._top_width, 4, 4)
+        return self.decoder(h)
+
     def generate(self, z: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         """Samples' means for prior draws z [B, latent_dim] (the sampling seam shared with the GAN)."""
         return self.decode(z, y)
