@@ -266,3 +266,23 @@ def test_a_bad_dataset_fails_in_validating_files_naming_the_member(settings, ten
     assert why in job.error["message"] and (named is None or named in job.error["message"]), job.error
     assert job.started_at is not None and job.hyperparameters == {}  # it never left validating_files
     assert json.dumps(job.error)  # an OpenAI error object, nothing else
+
+
+def test_an_unconditional_rgb_dataset_trains_and_draws_at_its_size(settings, tenant_id, make_batch, one_thread):
+    rng = np.random.default_rng(0)
+    members = {}
+    for i in range(12):  # top-level files: no classes; colour pictures of 20x24, cropped and resized to 16
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(buffer, format="PNG")
+        members[f"pic-{i}.png"] = buffer.getvalue()
+    job_id, shard_id = _create(settings, tenant_id, _zip(members), model="vae",
+                               hyperparameters={"n_epochs": 2, "image_size": 16})
+    assert run_fine_tune_shard(settings=settings, shard_id=shard_id, worker_id="w1").status == ShardRun.DONE
+    job = _job(settings, job_id)
+    with session_scope(settings.database_url) as session:
+        card = tenant_model(session=session, tenant_id=tenant_id, model_id=job.fine_tuned_model).image_spec
+    assert card["class_names"] == [] and card["channels"] == 3 and card["image_size"] == 16
+    outputs = _run_batch(settings, make_batch, [_image_line("u", job.fine_tuned_model, n=2, size="16x16")])
+    for item in outputs["u"]["response"]["body"]["data"]:
+        image = Image.open(io.BytesIO(_file_bytes(settings, item["file_id"])))
+        assert image.size == (16, 16) and image.mode == "RGB"
