@@ -10,6 +10,7 @@ at batches/{batch_id}/shards/{index:05d}.jsonl.
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -203,8 +204,12 @@ def _check_line(raw: bytes, number: int, *, endpoint: str, models: _Models,
 
 
 def _body_error(error: RequestError) -> tuple[str, str, str]:
+    """The contract's error with its parameter named from the line ("n" -> "body.n", as a whole word only)."""
     param = f"body.{error.param}" if error.param else "body"
-    return error.code or "invalid_value", param, error.message.replace(error.param or "", param, 1)
+    message = error.message
+    if error.param:
+        message = re.sub(rf"(?<![\w.]){re.escape(error.param)}(?![\w])", param, message, count=1)
+    return error.code or "invalid_value", param, message
 
 
 def _check_body(body: dict[str, Any], *, endpoint: str, models: _Models) -> tuple[str, str, str] | None:

@@ -8,7 +8,8 @@ Every purpose genq takes (batch, fine-tune) is JSONL, one request or example per
 A broken line is refused here only for these limits; its content is validated at batch create.
 The one binary upload genq takes, an image dataset for a GAN or VAE fine-tune (a zip, or an .npz,
 which is a zip too), is told by its first bytes, the zip signature, and passes unchecked here: its
-members are checked by the worker that reads it (workers/images/data.py).
+members are checked by the worker that reads it (workers/images/data.py). A zip uploaded as a batch
+input is refused at batch create, whose line check reads it as JSONL and refuses its first line.
 """
 
 from __future__ import annotations

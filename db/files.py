@@ -30,10 +30,12 @@ def file_storage_key(file_id: str) -> str:
 
 
 def create_file(*, session: Session, tenant_id: str, file_id: str, filename: str, purpose: str, size: int,
-                expires_at: int | None = None) -> File:
-    """Records a file whose bytes are already stored at file_storage_key(file_id); the caller commits."""
+                expires_at: int | None = None, storage_key: str | None = None) -> File:
+    """Records a file whose bytes are already stored at storage_key (default file_storage_key(file_id));
+    the caller commits."""
     row = File(id=file_id, tenant_id=tenant_id, filename=filename, purpose=purpose, bytes=size,
-               created_at=int(time.time()), expires_at=expires_at, storage_key=file_storage_key(file_id))
+               created_at=int(time.time()), expires_at=expires_at,
+               storage_key=storage_key or file_storage_key(file_id))
     session.add(row)
     session.flush()
     return row

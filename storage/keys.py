@@ -6,6 +6,7 @@ custom_id or metadata never reaches a key or a path.
     files/{file_id}                              an uploaded or generated file's bytes
     batches/{batch_id}/shards/{index:05d}.jsonl  a shard's request lines
     batches/{batch_id}/{output|errors}.jsonl     a finished batch's result files
+    batches/{batch_id}/images/{file_id}.png      an image line's PNG (a file row names it; retired with the batch)
     fine_tunes/{job_id}/state/step-{N:07d}.pt     a fine-tune's resumable training state (the latest kept)
     fine_tunes/{job_id}/checkpoints/step-{N}/     an epoch checkpoint's adapter (PEFT layout; the last 3 kept)
     fine_tunes/{job_id}/model/                   the final adapter
@@ -41,6 +42,10 @@ def batch_result_key(batch_id: str, kind: str) -> str:
     if kind not in ("output", "errors"):
         raise ValueError(f"unknown result file kind {kind!r}")
     return f"{batch_prefix(batch_id)}{kind}.jsonl"
+
+
+def batch_image_key(batch_id: str, file_id: str) -> str:
+    return f"{batch_prefix(batch_id)}images/{_own_id(file_id)}.png"
 
 
 def fine_tune_prefix(job_id: str) -> str:

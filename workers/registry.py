@@ -88,6 +88,11 @@ def is_fine_tuned(model_id: str) -> bool:
     return model_id.startswith("ft:")
 
 
+def is_image_model(model_id: str) -> bool:
+    """Whether the id names an image architecture or a model trained from one ("ft:gan:...", "ft:vae:...")."""
+    return model_id in IMAGE_ARCHITECTURES or model_id.startswith(tuple(f"ft:{a}:" for a in IMAGE_ARCHITECTURES))
+
+
 def models_for_tenant(session: Session, tenant_id: str, settings: Settings | None = None, *,
                       checkpoints: bool = True) -> list[ModelSpec]:
     """The base models, then the tenant's fine-tuned models (and their checkpoints, unless told not to)."""

@@ -2,9 +2,10 @@
 
 - Files past expires_at (OpenAI's expires_after on upload): the row, then its object.
 - Finished batches (completed, failed, expired, cancelled) older than settings.batch_retention_seconds:
-  their result-file rows and the batch row (shards and result rows cascade), then every object under
-  the batch's storage prefix (shard inputs, output and error files). The input file is the user's,
-  with its own expires_after: it is not part of the batch.
+  their result-file rows, the file rows of their image lines' PNGs (stored under the batch's prefix)
+  and the batch row (shards and result rows cascade), then every object under the batch's storage
+  prefix (shard inputs, output and error files, PNGs, and any PNG an attempt stored but never
+  committed). The input file is the user's, with its own expires_after: it is not part of the batch.
 Rows go first, in one transaction, so no row ever names a deleted object; an object whose deletion
 fails is logged (left unreferenced, never dangling).
 """
@@ -64,6 +65,9 @@ def collect(settings: Settings, now: float | None = None) -> Collected:
         with session_scope(url) as session:
             results = [output_file_id(batch_id, kind) for batch_id in batches for kind in ("output", "errors")]
             session.execute(delete(File).where(File.id.in_(results)))
+            for batch_id in batches:  # image lines' PNGs
+                session.execute(delete(File).where(File.storage_key.startswith(batch_prefix(batch_id),
+                                                                               autoescape=True)))
             session.execute(delete(Job).where(Job.id.in_(batches)))  # cascades to the batch, shards, results
         for batch_id in batches:
             _delete(store, objects[batch_id], f"batch {batch_id}")

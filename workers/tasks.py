@@ -21,6 +21,7 @@ from workers.batches.shard_runner import default_model_loader, run_shard
 from workers.celery_app import REAP_TASK, RUN_SHARD_TASK, app
 from workers.dispatch import enqueue_shards
 from workers.reaper import reap
+from workers.registry import is_image_model
 from workers.shard_outcome import ShardOutcome, ShardRun
 
 log = logging.getLogger(__name__)
@@ -35,8 +36,11 @@ def worker_id() -> str:
 
 
 def preload_models() -> None:
-    """Loads PRELOAD_MODELS into this process (cached by the loader)."""
+    """Loads PRELOAD_MODELS into this process (cached by the loader); image architectures have nothing
+    to load until a job names a trained model."""
     for model_id in PRELOAD_MODELS:
+        if is_image_model(model_id):
+            continue
         log.info("loading %s in %s", model_id, worker_id())
         default_model_loader(model_id)
 

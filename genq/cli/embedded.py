@@ -74,9 +74,12 @@ def _served_with_engines(models: list[str]) -> list[Any]:
     """The loaded models with an engine in this process (none for a runtime without one, or a model that
     does not load: run_shard reports that per shard)."""
     from workers.batches.shard_runner import default_model_loader
+    from workers.registry import is_image_model
 
     served = []
     for model_id in models:
+        if is_image_model(model_id):
+            continue  # image models have no engine
         try:
             lm = default_model_loader(model_id)
         except Exception:  # noqa: BLE001 -- reported by run_shard, with the shard's attempts

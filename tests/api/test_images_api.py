@@ -135,3 +135,10 @@ def test_a_zip_passes_the_upload_checks_that_jsonl_gets(client, http, api_key) -
     with pytest.raises(openai.BadRequestError):
         client.files.create(file=("deep.jsonl", io.BytesIO(too_deep)), purpose="fine-tune")
     assert _upload_dataset(client).startswith("file-")
+
+
+def test_a_line_error_names_the_parameter_without_garbling_the_message(client, image_model) -> None:
+    line = _line("x", image_model, prompt="circle", mode="reconstruct", image="aGk=", n=2)
+    refused = _refusal(lambda: _create(client, [line]))
+    assert refused["param"] == "body.n" and refused["message"] == \
+        "Line 1: mode 'reconstruct' returns one image: body.n must be 1"

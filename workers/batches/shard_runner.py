@@ -260,9 +260,13 @@ def _draw_images(*, settings: Settings, job: _ShardJob, worker_id: str, heartbea
 
     writer = _ResultWriter(settings=settings, job=job, worker_id=worker_id, lm=None, heartbeat=heartbeat,
                            on_progress=on_progress)
-    draw_lines(settings=settings, batch_id=job.batch_id, tenant_id=job.tenant_id, model_id=job.model,
-               items=list(job.pending.values()), store_rows=writer.store, failure_row=writer.failure_row,
-               heartbeat=heartbeat)
+    items = [item for item in job.pending.values() if item.custom_id != job.suspect]
+    writer.store([writer.failure_row(item, _quarantined(job)) for item in job.pending.values()
+                  if item.custom_id == job.suspect])
+    url = settings.resolved_database_url()
+    draw_lines(settings=settings, batch_id=job.batch_id, tenant_id=job.tenant_id, model_id=job.model, items=items,
+               store_rows=writer.store, failure_row=writer.failure_row, heartbeat=heartbeat,
+               before_line=(lambda item: _named_suspect(url, job, item.custom_id, heartbeat)) if job.isolate else None)
     outcome.written = writer.written
 
 
@@ -302,14 +306,18 @@ def _run_one_at_a_time(lm: ServedModel, lines: list[LineChoices], writer: _Resul
     """After a worker death: each line alone, named as the suspect first, so that if it kills this
     worker too the next attempt knows which one to quarantine. Slower, and only for such shards."""
     for line in lines:
-        if heartbeat.should_stop():
+        if heartbeat.should_stop() or not _named_suspect(url, job, line.custom_id, heartbeat):
             return
-        with session_scope(url) as session:
-            if not mark_suspect(session=session, shard_id=job.shard_id, attempt=job.attempt,
-                                custom_id=line.custom_id):
-                heartbeat.lease_lost.set()
-                return
         _run_lines(lm, [line], writer, heartbeat)
+
+
+def _named_suspect(url: str, job: _ShardJob, custom_id: str, heartbeat: Heartbeat) -> bool:
+    """Records custom_id as the request now running alone; False (the lease is lost) if fenced out."""
+    with session_scope(url) as session:
+        if mark_suspect(session=session, shard_id=job.shard_id, attempt=job.attempt, custom_id=custom_id):
+            return True
+    heartbeat.lease_lost.set()
+    return False
 
 
 def _run_lines(lm: ServedModel, lines: list[LineChoices], writer: _ResultWriter, heartbeat: Heartbeat) -> None:

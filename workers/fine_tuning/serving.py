@@ -50,6 +50,9 @@ def merged_weights(model_id: str, settings: Settings, tenant_id: str | None = No
         row = any_model(session=session, model_id=model_id)
         if row is None or (tenant_id is not None and row.tenant_id != tenant_id):
             raise ModelLoadError(model_id, "no such fine-tuned model (deleted?)")
+        if row.image_spec is not None:
+            raise ModelLoadError(model_id, "an image model (GAN or VAE), not a language model: it is sampled "
+                                           "through /v1/images/generations lines and has no merged weights")
         base_model, adapter_key = row.base_model, row.adapter_key
     base = get_model(base_model, settings)
     checkpoint = read_checkpoint(resolve_source(base.source, settings))

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import io
 import stat
+import struct
 import zipfile
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -44,6 +46,10 @@ IMAGE_FORMATS = ("PNG", "JPEG")
 _SKIPPED_PREFIXES = ("__MACOSX/",)
 _SKIPPED_NAMES = (".DS_Store",)
 _GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+
+# What PIL raises for a file it cannot decode: a truncated or corrupt chunk surfaces as SyntaxError,
+# EOFError, struct.error or zlib.error, not only OSError.
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error, Image.DecompressionBombError)
 
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS  # PIL's own bomb check as a second line behind ours
 
@@ -90,7 +96,7 @@ def read_npz(source: bytes | str | Path, image_size: int) -> ImageDataset:
             images = _npz_images(npz["images"])
             raw_labels = npz["labels"] if "labels" in npz.files else None
             names = [str(n) for n in npz["class_names"]] if "class_names" in npz.files else None
-    except (ValueError, OSError) as error:
+    except (ValueError, OSError, EOFError, zlib.error, zipfile.BadZipFile) as error:
         if isinstance(error, ImageDataError):
             raise
         raise ImageDataError(f"the .npz cannot be read: {error}") from error
@@ -128,7 +134,7 @@ def read_zip(path: str | Path | io.BytesIO, image_size: int) -> ImageDataset:
     for name, image in opened:
         try:
             arrays.append(_pil_resize_crop(image.convert(mode), image_size))
-        except (OSError, ValueError, Image.DecompressionBombError) as error:
+        except DECODE_ERRORS as error:
             raise ImageDataError(f"{name}: cannot decode the image: {error}") from error
     # stacked: uint8 [N, H, W, C] -> float32 [N, C, H, W] in [-1, 1]
     stacked = np.stack([a if a.ndim == 3 else a[:, :, None] for a in arrays])
@@ -179,7 +185,7 @@ def decode_image(data: bytes, image_size: int, channels: int, name: str = "image
     image = _open_header(name, data)
     try:
         array = _pil_resize_crop(image.convert("RGB" if channels == 3 else "L"), image_size)
-    except (OSError, ValueError, Image.DecompressionBombError) as error:
+    except DECODE_ERRORS as error:
         raise ImageDataError(f"{name}: cannot decode the image: {error}") from error
     array = np.array(array if array.ndim == 3 else array[:, :, None])  # [S, S, C], writable
     return torch.from_numpy(array).permute(2, 0, 1)[None].float() / 127.5 - 1.0
@@ -260,7 +266,7 @@ def _open_header(name: str, data: bytes) -> Image.Image:
     """The image opened lazily (header only); its pixel count is checked before any decoding."""
     try:
         image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
-    except (OSError, ValueError, Image.DecompressionBombError) as error:
+    except DECODE_ERRORS as error:
         raise ImageDataError(f"{name}: not a readable PNG or JPEG image") from error
     width, height = image.size
     if width * height > MAX_IMAGE_PIXELS:

@@ -25,6 +25,8 @@ import time
 from contextlib import suppress
 from typing import Any
 
+from sqlalchemy import select
+
 from db.files import FINE_TUNE_RESULTS_PURPOSE, create_file, file_storage_key, new_file_id
 from db.fine_tuning import (
     add_event,
@@ -34,6 +36,7 @@ from db.fine_tuning import (
     start_preparing,
     start_running,
 )
+from db.models import FineTuningEvent
 from db.session import session_scope
 from genq.settings import Settings
 from storage import Store, store_from_settings
@@ -90,7 +93,7 @@ def run_image_training(settings: Settings, job: FineTuneJob, heartbeat: Heartbea
                           latent_dim=resolved.latent_dim, class_names=list(train.class_names),
                           base_channels=BASE_CHANNELS)
     with session_scope(url) as session:
-        if job.resume_key is None:
+        if job.resume_key is None and not _prepared_before(session, job.id):  # once, whoever prepares again
             _report_preparation(session, job.id, train, valid, source)
         if not start_running(session=session, shard_id=job.shard_id, attempt=job.attempt, job_id=job.id,
                              hyperparameters=resolved.as_dict(), total_steps=resolved.n_epochs):
@@ -143,6 +146,11 @@ def _train_config(resolved: ResolvedImageHyperparameters, seed: int, device: str
                        warmup_epochs=resolved.warmup_epochs, seed=seed, base_channels=BASE_CHANNELS, device=device)
 
 
+def _prepared_before(session: Any, job_id: str) -> bool:
+    return session.scalar(select(FineTuningEvent.id).where(
+        FineTuningEvent.job_id == job_id, FineTuningEvent.message.startswith("Prepared ")).limit(1)) is not None
+
+
 def _report_preparation(session: Any, job_id: str, train: ImageDataset, valid: ImageDataset, source: str) -> None:
     stats = {"train_images": len(train), "validation_images": len(valid), "validation_source": source,
              "classes": list(train.class_names), "image_size": train.image_size, "channels": train.channels,
@@ -165,7 +173,8 @@ def _metrics_message(architecture: str, m: dict[str, Any]) -> str:
 
 def _save_epoch(settings: Settings, store: Store, job: FineTuneJob, trainer: GanTrainer | VaeTrainer,
                 card: ImageModelCard, metrics: dict[str, float], patient: Any, *, seconds: float) -> None:
-    """The epoch's state, grid and event (fenced together), then its checkpoint unless it was the last."""
+    """The epoch's state, grid and (before the last epoch) checkpoint files, then in one transaction fenced
+    by the attempt: the job's resume point, the grid's file row, the metrics event and the checkpoint."""
     epoch, total = trainer.epoch, trainer.config.n_epochs
     state_key = training_state_key(job.id, epoch)
     state = trainer.state_bytes()
@@ -173,6 +182,9 @@ def _save_epoch(settings: Settings, store: Store, job: FineTuneJob, trainer: Gan
     grid_id = new_file_id()
     grid = trainer.grid_png()
     patient(lambda: store.put_bytes(file_storage_key(grid_id), grid))
+    checkpoint = adapter_prefix(job.id, epoch) if epoch < total else None  # the last epoch is the model itself
+    if checkpoint is not None:
+        _put_model(store, checkpoint, trainer, card, patient)
     data = {"step": epoch, "total_steps": total, **{k: metrics[k] for k in METRIC_NAMES[card.architecture]},
             "sample_grid_file": grid_id}
     eta = int(time.time() + seconds * (total - epoch)) if epoch < total else None
@@ -185,31 +197,24 @@ def _save_epoch(settings: Settings, store: Store, job: FineTuneJob, trainer: Gan
                     filename=f"epoch-{epoch:03d}-samples.png", purpose=FINE_TUNE_RESULTS_PURPOSE, size=len(grid))
         add_event(session=session, job_id=job.id, type="metrics", data=data,
                   message=_metrics_message(card.architecture, data))
+        pruned = []
+        if checkpoint is not None:
+            add_model(session=session, model_id=f"{job.model_name}:ckpt-step-{epoch}", tenant_id=job.tenant_id,
+                      job_id=job.id, base_model=job.model, adapter_key=checkpoint, checkpoint_step=epoch,
+                      metrics={k: v for k, v in data.items() if k != "sample_grid_file"}, image_spec=card.as_dict())
+            add_event(session=session, job_id=job.id, message=f"Checkpoint created at epoch {epoch}")
+            pruned = prune_checkpoints(session=session, job_id=job.id, keep=KEPT_CHECKPOINTS)
+    delete_pruned(store, pruned)
     if job.resume_key and job.resume_key != state_key:
         with suppress(Exception):
             store.delete(job.resume_key)  # only the newest state is needed
     job.resume_key = state_key
-    if epoch < total:
-        _checkpoint(settings, store, job, trainer, card, data, patient)
 
 
 def _put_model(store: Store, prefix: str, trainer: GanTrainer | VaeTrainer, card: ImageModelCard,
                patient: Any) -> None:
     for name, data in model_files(card, trainer.sampler).items():
         patient(lambda name=name, data=data: store.put_bytes(f"{prefix}{name}", data))
-
-
-def _checkpoint(settings: Settings, store: Store, job: FineTuneJob, trainer: GanTrainer | VaeTrainer,
-                card: ImageModelCard, data: dict[str, Any], patient: Any) -> None:
-    prefix = adapter_prefix(job.id, trainer.epoch)
-    _put_model(store, prefix, trainer, card, patient)
-    with session_scope(settings.resolved_database_url()) as session:
-        add_model(session=session, model_id=f"{job.model_name}:ckpt-step-{trainer.epoch}", tenant_id=job.tenant_id,
-                  job_id=job.id, base_model=job.model, adapter_key=prefix, checkpoint_step=trainer.epoch,
-                  metrics={k: v for k, v in data.items() if k != "sample_grid_file"}, image_spec=card.as_dict())
-        add_event(session=session, job_id=job.id, message=f"Checkpoint created at epoch {trainer.epoch}")
-        pruned = prune_checkpoints(session=session, job_id=job.id, keep=KEPT_CHECKPOINTS)
-    delete_pruned(store, pruned)
 
 
 def results_csv(architecture: str, metrics: list[dict[str, Any]]) -> bytes:

@@ -143,12 +143,14 @@ class _EpochTrainer:
         return buffer.getvalue()
 
     def load_state_bytes(self, data: bytes) -> None:
-        state = torch.load(io.BytesIO(data), map_location=self.device, weights_only=True)
+        # On the CPU: generators take their state as a CPU ByteTensor whatever their device, and
+        # load_state_dict copies weights (and optimizer moments) onto the parameters' device itself.
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         for name, module in self._modules().items():
             module.load_state_dict(state[name])
         self.epoch, self.history = int(state["epoch"]), list(state["history"])
-        self.order.set_state(state["order"].cpu())
-        self.noise.set_state(state["noise"].cpu() if self.device.type == "cpu" else state["noise"])
+        self.order.set_state(state["order"])
+        self.noise.set_state(state["noise"])
 
     def run_epoch(self, should_stop: StopCheck | None = None) -> dict[str, float]:
         """Trains one epoch and returns its metrics (also appended to history); Stopped if told to stop."""
@@ -198,15 +200,28 @@ class VaeTrainer(_EpochTrainer):
         return metrics | evaluate_vae(self.model, self.valid, seed=config.seed + 2, device=self.device)
 
 
+EVAL_CHUNK = 1024  # validation images per forward pass (a large validation file must not exhaust memory)
+
+
+def _chunks(dataset: ImageDataset, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    return [(dataset.images[i : i + EVAL_CHUNK].to(device),
+             None if dataset.labels is None else dataset.labels[i : i + EVAL_CHUNK].to(device))
+            for i in range(0, len(dataset), EVAL_CHUNK)]
+
+
 @torch.no_grad()
 def evaluate_vae(model: ConditionalVae, dataset: ImageDataset, seed: int, device: torch.device) -> dict[str, float]:
     """valid_recon_mse (per pixel, through mu), valid_kl and valid_elbo (nats per image, beta = 1)."""
     model.eval()
     noise = torch.Generator(device=device).manual_seed(seed)
-    x, y = dataset.images.to(device), _labels(dataset, None, device)
-    recon, kl = model.elbo_terms(x, y, generator=noise)
-    mse = float(((model.reconstruct(x, y) - x) ** 2).mean())
-    return {"valid_recon_mse": mse, "valid_kl": float(kl.mean()), "valid_elbo": float(-(recon + kl).mean())}
+    squared = recon_sum = kl_sum = 0.0
+    for x, y in _chunks(dataset, device):
+        recon, kl = model.elbo_terms(x, y, generator=noise)
+        recon_sum, kl_sum = recon_sum + float(recon.sum()), kl_sum + float(kl.sum())
+        squared += float(((model.reconstruct(x, y) - x) ** 2).sum())
+    n = len(dataset)
+    return {"valid_recon_mse": squared / dataset.images.numel(), "valid_kl": kl_sum / n,
+            "valid_elbo": -(recon_sum + kl_sum) / n}
 
 
 class GanTrainer(_EpochTrainer):
@@ -268,8 +283,8 @@ class GanTrainer(_EpochTrainer):
                                 noise=self.noise)
         with torch.no_grad():
             discriminator.eval()
-            valid_logits = discriminator(self.valid.images.to(device), _labels(self.valid, None, device))
-            metrics["d_acc_valid_real"] = float((valid_logits > 0).float().mean())
+            real = sum(float((discriminator(x, y) > 0).sum()) for x, y in _chunks(self.valid, device))
+            metrics["d_acc_valid_real"] = real / len(self.valid)
         return metrics
 
 

@@ -15,7 +15,9 @@ import base64
 import csv
 import io
 import json
+import time
 import zipfile
+import zlib
 
 import numpy as np
 import pytest
@@ -26,14 +28,16 @@ from sqlalchemy import select
 from api.fine_tune_service import create_fine_tune
 from api.fine_tuning_schemas import CreateFineTuningJobRequest
 from db.files import create_file, file_storage_key, new_file_id
-from db.fine_tuning import cancel, checkpoints, list_events, tenant_model
+from db.fine_tuning import cancel, checkpoints, delete_model, list_events, tenant_model
 from db.models import Batch, BatchStatus, File, FineTuneStatus, FineTuningJob, RequestResult
 from db.session import session_scope
 from storage import store_from_settings
 from workers.batches.shard_runner import run_shard
 from workers.fine_tuning.job_runner import run_fine_tune_shard
+from workers.images import batch as image_batch
 from workers.images import job as image_job
 from workers.images.artifact import MODEL_WEIGHTS_FILE
+from workers.retention import collect
 from workers.shard_outcome import ShardRun
 
 IMAGES_URL = "/v1/images/generations"
@@ -248,9 +252,24 @@ def test_cancel_stops_an_image_job(settings, tenant_id, digits_npz, monkeypatch,
 BIG = b"\0" * (1 << 20)
 
 
+def _broken_chunk_png() -> bytes:
+    """A PNG whose second IDAT chunk has a zeroed type: PIL raises SyntaxError, not OSError, while decoding."""
+    png = _png(10, size=64)
+    start = png.find(b"IDAT")
+    length = int.from_bytes(png[start - 4 : start], "big")
+    data = png[start + 4 : start + 4 + length]
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return len(body).to_bytes(4, "big") + kind + body + (zlib.crc32(kind + body) & 0xFFFFFFFF).to_bytes(4, "big")
+
+    return png[: start - 4] + chunk(b"IDAT", data[: len(data) // 2]) + b"\0" * 8 + b"garbage" * 10
+
+
 @pytest.mark.parametrize(("members", "named", "why"), [
     ({"cat/a.png": _png(10), "cat/b.png": b"\x89PNG\r\n\x1a\n broken", "dog/c.png": _png(30), "dog/d.png": _png(40)},
      "cat/b.png", "not a readable PNG or JPEG"),
+    ({"cat/a.png": _png(10), "cat/b.png": _broken_chunk_png(), "dog/c.png": _png(30), "dog/d.png": _png(40)},
+     "cat/b.png", "cannot decode the image"),
     ({"cat/a.png": _png(10), "cat/b.png": _png(20), "cat/huge.png": BIG}, "cat/huge.png", "uncompressed"),
     ({"cat/a.png": _png(10), "cat/b.png": _png(20), "cat/notes.txt": b"hello"}, "cat/notes.txt", "not a PNG or JPEG"),
     ({}, None, "holds no images"),
@@ -286,3 +305,45 @@ def test_an_unconditional_rgb_dataset_trains_and_draws_at_its_size(settings, ten
     for item in outputs["u"]["response"]["body"]["data"]:
         image = Image.open(io.BytesIO(_file_bytes(settings, item["file_id"])))
         assert image.size == (16, 16) and image.mode == "RGB"
+
+
+def test_a_line_that_breaks_fails_alone_and_a_deleted_model_fails_its_lines(settings, tenant_id, digits_npz,
+                                                                           make_batch, monkeypatch, one_thread):
+    job_id, shard_id = _create(settings, tenant_id, digits_npz, hyperparameters={"n_epochs": 1})
+    assert run_fine_tune_shard(settings=settings, shard_id=shard_id, worker_id="w1").status == ShardRun.DONE
+    model = _job(settings, job_id).fine_tuned_model
+    real_draw = image_batch.draw
+
+    def draw_or_break(network, card, request, seed):
+        if request.prompt == "4":
+            raise IndexError("a bug this line alone meets")
+        return real_draw(network, card, request, seed)
+
+    monkeypatch.setattr(image_batch, "draw", draw_or_break)
+    outputs = _run_batch(settings, make_batch, [_image_line(f"l{k}", model, prompt=str(k)) for k in range(3, 6)])
+    assert [outputs[f"l{k}"]["response"]["status_code"] for k in (3, 4, 5)] == [200, 500, 200]
+    assert outputs["l4"]["response"]["body"]["error"]["code"] == "generation_failed"
+
+    made = make_batch([_image_line("gone", model, prompt="1")], endpoint=IMAGES_URL)
+    with session_scope(settings.database_url) as session:
+        delete_model(session=session, tenant_id=tenant_id, model_id=model)
+    assert run_shard(settings=settings, shard_id=made.shard_ids[0], worker_id="w1").status == ShardRun.DONE
+    with session_scope(settings.database_url) as session:
+        line = session.scalars(select(RequestResult).where(RequestResult.batch_id == made.batch_id)).one().output_line
+    assert line["response"]["status_code"] == 404 and line["response"]["body"]["error"]["code"] == "model_not_found"
+
+
+def test_retention_removes_a_batch_s_pngs_with_it(settings, tenant_id, digits_npz, make_batch, one_thread):
+    job_id, shard_id = _create(settings, tenant_id, digits_npz, hyperparameters={"n_epochs": 1})
+    assert run_fine_tune_shard(settings=settings, shard_id=shard_id, worker_id="w1").status == ShardRun.DONE
+    outputs = _run_batch(settings, make_batch, [_image_line("p", _job(settings, job_id).fine_tuned_model,
+                                                            prompt="2", n=3)])
+    ids = [item["file_id"] for item in outputs["p"]["response"]["body"]["data"]]
+    with session_scope(settings.database_url) as session:
+        keys = [session.get(File, file_id).storage_key for file_id in ids]
+    store = store_from_settings(settings)
+    assert all(store.get_bytes(key) for key in keys)
+    collect(settings, now=time.time() + settings.batch_retention_seconds + 60)
+    with session_scope(settings.database_url) as session:
+        assert all(session.get(File, file_id) is None for file_id in ids)
+    assert not any(store.exists(key) for key in keys)
