@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,6 +84,15 @@ class Stack:
     def log_tail(self, chars: int = 4000) -> str:
         logs = sorted(self.logs.glob("*.log"))
         return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-chars:]}" for p in logs)
+
+
+def wait_status(retrieve, final: tuple[str, ...], timeout: float, what: str):
+    """retrieve() until its .status is one of final (an SDK object: a batch, a fine-tuning job)."""
+    deadline = time.monotonic() + timeout
+    while (obj := retrieve()).status not in final:
+        assert time.monotonic() < deadline, f"{what} still {obj.status} after {timeout} s"
+        time.sleep(1)
+    return obj
 
 
 def genq(*args: str) -> list[str]:

@@ -10,23 +10,14 @@ products the file never names with "Made to last, by BRAND." while the base mode
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 
-from tests.e2e.conftest import MODEL, REPO
+from tests.e2e.conftest import MODEL, REPO, wait_status
 from tests.workers.fine_tuning.test_brand_voice import HELD_OUT, product_chat
 
 pytestmark = pytest.mark.slow
 TRAINING = REPO / "examples" / "finetune_brand_voice.jsonl"
-
-
-def _wait(retrieve, final: tuple[str, ...], timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while (obj := retrieve()).status not in final:
-        assert time.monotonic() < deadline, f"{what} still {obj.status} after {timeout} s"
-        time.sleep(1)
-    return obj
 
 
 def test_a_fine_tune_learns_the_house_voice_and_serves_the_next_batch(stack) -> None:
@@ -38,8 +29,8 @@ def test_a_fine_tune_learns_the_house_voice_and_serves_the_next_batch(stack) -> 
         model=MODEL, training_file=train.id, validation_file=valid.id, suffix="voice", seed=0,
         method={"type": "supervised", "supervised": {"hyperparameters": {
             "n_epochs": 1, "batch_size": 4, "learning_rate_multiplier": 1.0}}})
-    job = _wait(lambda: client.fine_tuning.jobs.retrieve(job.id), ("succeeded", "failed", "cancelled"), 900,
-                "the fine-tune")
+    job = wait_status(lambda: client.fine_tuning.jobs.retrieve(job.id), ("succeeded", "failed", "cancelled"), 900,
+                      "the fine-tune")
     assert job.status == "succeeded", (job.error, stack.log_tail())
     assert job.fine_tuned_model.startswith(f"ft:{MODEL}:") and job.trained_tokens > 0
     events = client.fine_tuning.jobs.list_events(job.id, limit=100).data
@@ -57,8 +48,8 @@ def test_a_fine_tune_learns_the_house_voice_and_serves_the_next_batch(stack) -> 
                                      purpose="batch")
     batch = client.batches.create(input_file_id=batch_file.id, endpoint="/v1/chat/completions",
                                   completion_window="24h")
-    batch = _wait(lambda: client.batches.retrieve(batch.id), ("completed", "failed", "expired", "cancelled"), 600,
-                  "the batch")
+    batch = wait_status(lambda: client.batches.retrieve(batch.id), ("completed", "failed", "expired", "cancelled"), 600,
+                        "the batch")
     assert batch.status == "completed" and batch.request_counts.completed == 2 * len(HELD_OUT)
     signed = {MODEL: 0, job.fine_tuned_model: 0}
     for line in client.files.content(batch.output_file_id).text.splitlines():

@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import time
 
 import httpx
 import numpy as np
@@ -21,18 +20,10 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from tests.e2e.conftest import genq, kill_group, start
+from tests.e2e.conftest import genq, kill_group, start, wait_status
 
 pytestmark = pytest.mark.slow
 LINES = 100
-
-
-def _wait(retrieve, final: tuple[str, ...], timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while (obj := retrieve()).status not in final:
-        assert time.monotonic() < deadline, f"{what} still {obj.status} after {timeout} s"
-        time.sleep(1)
-    return obj
 
 
 def _digits_npz() -> bytes:
@@ -56,8 +47,8 @@ def test_a_gan_trained_through_the_api_draws_a_batch_of_100_images(stack) -> Non
         dataset = client.files.create(file=("digits.npz", _digits_npz()), purpose="fine-tune")
         job = client.fine_tuning.jobs.create(model="gan", training_file=dataset.id, suffix="digits", seed=0,
                                              method={"type": "gan", "gan": {"hyperparameters": {"n_epochs": 3}}})
-        job = _wait(lambda: client.fine_tuning.jobs.retrieve(job.id), ("succeeded", "failed", "cancelled"), 300,
-                    "the GAN fine-tune")
+        job = wait_status(lambda: client.fine_tuning.jobs.retrieve(job.id), ("succeeded", "failed", "cancelled"), 300,
+                          "the GAN fine-tune")
         assert job.status == "succeeded", (job.error, stack.log_tail())
         assert job.fine_tuned_model.startswith("ft:gan:") and job.hyperparameters.n_epochs == 3
         events = client.fine_tuning.jobs.list_events(job.id, limit=100).data
@@ -78,8 +69,8 @@ def test_a_gan_trained_through_the_api_draws_a_batch_of_100_images(stack) -> Non
                                          purpose="batch")
         batch = client.batches.create(input_file_id=batch_file.id, endpoint="/v1/images/generations",
                                       completion_window="24h")
-        batch = _wait(lambda: client.batches.retrieve(batch.id), ("completed", "failed", "expired", "cancelled"), 300,
-                      "the image batch")
+        batch = wait_status(lambda: client.batches.retrieve(batch.id), ("completed", "failed", "expired", "cancelled"),
+                            300, "the image batch")
         assert batch.status == "completed" and batch.request_counts.completed == LINES, (batch, stack.log_tail())
 
         outputs = {}

@@ -16,6 +16,7 @@ from db.models import FineTuningJob, Shard, ShardStatus
 from db.session import session_scope
 from tests.e2e.conftest import TINY
 from tests.fault.harness import Deployment, wait_for
+from tests.workers.images.conftest import digits_npz
 
 pytestmark = [pytest.mark.slow, pytest.mark.fault]
 TRAINING_ENV = {"GENQ_FINE_TUNE_SEGMENT_SECONDS": "0.3", "GENQ_FINE_TUNE_MAX_LENGTH": "128"}
@@ -92,23 +93,11 @@ def test_cancel_stops_a_running_fine_tune_within_a_segment(deploy) -> None:
     assert ended.step < ended.total_steps and shard.lease_owner is None and ended.fine_tuned_model is None
 
 
-def _digits_npz() -> bytes:
-    import io
-
-    import numpy as np
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits()
-    buffer = io.BytesIO()
-    np.savez(buffer, images=(bunch.images / 16.0).astype(np.float32), labels=bunch.target)
-    return buffer.getvalue()
-
-
 def test_kill_9_image_worker_mid_training_resumes_from_the_last_epoch(deploy) -> None:
     d = deploy()
     d.start_worker("first", "-Q", "genq.gan")
     client = d.client()
-    dataset = client.files.create(file=("digits.npz", _digits_npz()), purpose="fine-tune").id
+    dataset = client.files.create(file=("digits.npz", digits_npz()), purpose="fine-tune").id
 
     def create():
         return client.fine_tuning.jobs.create(model="gan", training_file=dataset, seed=3, method={

@@ -13,13 +13,18 @@ from sklearn.datasets import load_digits
 from workers.images.data import ImageDataset, read_npz, split
 
 
-@pytest.fixture(scope="session")
-def digits() -> tuple[ImageDataset, ImageDataset]:
-    """(train, valid): digits as [N, 1, 8, 8] in [-1, 1] (pixel values 0..16 -> v / 8 - 1)."""
+def digits_npz() -> bytes:
+    """The digits as an uploadable .npz: float images in [0, 1] (pixel values 0..16 / 16) and labels."""
     bunch = load_digits()
     buffer = io.BytesIO()
     np.savez(buffer, images=(bunch.images / 16.0).astype(np.float32), labels=bunch.target)
-    return split(read_npz(buffer.getvalue(), image_size=8), valid_fraction=0.2, seed=0)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="session")
+def digits() -> tuple[ImageDataset, ImageDataset]:
+    """(train, valid): digits as [N, 1, 8, 8] in [-1, 1] (pixel values 0..16 -> v / 8 - 1)."""
+    return split(read_npz(digits_npz(), image_size=8), valid_fraction=0.2, seed=0)
 
 
 @pytest.fixture

@@ -22,7 +22,6 @@ import zlib
 import numpy as np
 import pytest
 from PIL import Image
-from sklearn.datasets import load_digits
 from sqlalchemy import select
 
 from api.fine_tune_service import create_fine_tune
@@ -32,6 +31,7 @@ from db.fine_tuning import cancel, checkpoints, delete_model, list_events, tenan
 from db.models import Batch, BatchStatus, File, FineTuneStatus, FineTuningJob, RequestResult
 from db.session import session_scope
 from storage import store_from_settings
+from tests.workers.images.conftest import digits_npz as digits_npz_file
 from workers.batches.shard_runner import run_shard
 from workers.fine_tuning.job_runner import run_fine_tune_shard
 from workers.images import batch as image_batch
@@ -51,10 +51,7 @@ def db_url(postgres_url):
 
 @pytest.fixture(scope="module")
 def digits_npz() -> bytes:
-    bunch = load_digits()
-    buffer = io.BytesIO()
-    np.savez(buffer, images=(bunch.images / 16.0).astype(np.float32), labels=bunch.target)
-    return buffer.getvalue()
+    return digits_npz_file()
 
 
 def _png(value: int, size: int = 12) -> bytes:
